@@ -1,0 +1,62 @@
+"""The DINO loss: sharpened, centered teacher targets against student predictions (paper Sec. 3.1, Alg. 1).
+
+    P_t = softmax((g_t(x) - c) / tau_t)          teacher: centering, then sharpening (tau_t small)
+    P_s = softmax(g_s(x') / tau_s)                student
+    loss = mean over pairs (x in globals, x' in all crops, x' != x) of  H(P_t(x), P_s(x'))
+    c <- m c + (1 - m) mean_batch g_t(x)          center: EMA of the teacher's batch mean (Eq. 4)
+
+Shape letters: B images, V crops (ncrops), K out_dim.
+"""
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class DINOLoss(nn.Module):
+    def __init__(self, out_dim, ncrops, warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs,
+                 nepochs, student_temp=0.1, center_momentum=0.9):
+        super().__init__()
+        self.ncrops = ncrops
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        # tau_t per epoch: linear warm-up from warmup_teacher_temp, then constant (Sec. 3.1, Appendix D)
+        self.teacher_temp_schedule = np.concatenate((
+            np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
+            np.ones(max(nepochs - warmup_teacher_temp_epochs, 0)) * teacher_temp,
+        ))
+
+    def teacher_temp(self, epoch):
+        return float(self.teacher_temp_schedule[min(epoch, len(self.teacher_temp_schedule) - 1)])
+
+    def forward(self, student_output, teacher_output, epoch):
+        """student_output (V * B, K) and teacher_output (2 * B, K), crops stacked in order."""
+        student_out = (student_output.float() / self.student_temp).chunk(self.ncrops)  # V x (B, K)
+        teacher_out = teacher_output.detach().float()
+        teacher_probs = F.softmax((teacher_out - self.center) / self.teacher_temp(epoch), dim=-1)  # (2B, K)
+        # diagnostic for collapse (Sec. 5.3): mean entropy of the targets, ln K when uniform, 0 when one-hot
+        self.teacher_entropy = torch.special.entr(teacher_probs).sum(dim=-1).mean().detach()
+        teacher_probs = teacher_probs.chunk(2)  # 2 x (B, K)
+
+        total, n_terms = 0.0, 0
+        for iq, q in enumerate(teacher_probs):
+            for v, s in enumerate(student_out):
+                if v == iq:
+                    continue  # same view for teacher and student: skipped
+                total = total + torch.sum(-q * F.log_softmax(s, dim=-1), dim=-1).mean()  # H(P_t, P_s)
+                n_terms += 1
+        self.update_center(teacher_out)
+        return total / n_terms
+
+    @torch.no_grad()
+    def update_center(self, teacher_out):
+        """c <- m c + (1 - m) mean of the teacher's outputs over the global batch (all ranks)."""
+        batch_sum = teacher_out.sum(dim=0, keepdim=True)  # (1, K)
+        world_size = 1
+        if dist.is_available() and dist.is_initialized():  # one process needs no process group
+            dist.all_reduce(batch_sum)
+            world_size = dist.get_world_size()
+        batch_center = batch_sum / (len(teacher_out) * world_size)
+        self.center.mul_(self.center_momentum).add_(batch_center * (1 - self.center_momentum))
