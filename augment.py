@@ -80,7 +80,7 @@ def random_resized_crop_box(height, width, scale, ratio, generator=None):
     log_ratio = torch.tensor(ratio).log().tolist()
     for _ in range(10):
         target_area = height * width * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
-        aspect_ratio = math.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator).item())
+        aspect_ratio = torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator).exp().item()
         w = round(math.sqrt(target_area * aspect_ratio))
         h = round(math.sqrt(target_area / aspect_ratio))
         if 0 < w <= width and 0 < h <= height:

@@ -33,7 +33,7 @@ def knn_classifier(train_features, train_labels, test_features, test_labels, k, 
         votes = torch.zeros(len(feats), num_classes, device=feats.device)
         votes.scatter_add_(1, neighbour_labels, (sim / T).exp())  # (b, C): sum of exp(sim / T) per class
         ranked = votes.topk(min(5, num_classes), dim=1).indices  # (b, <=5)
-        hits = ranked == labels[:, None]
+        hits = (ranked == labels[:, None]) & (votes.gather(1, ranked) > 0)  # a class with no vote is no guess
         top1 += hits[:, 0].sum().item()
         top5 += hits.any(dim=1).sum().item()
     return 100.0 * top1 / len(test_features), 100.0 * top5 / len(test_features)
@@ -114,27 +114,31 @@ def knn_report(train, test, num_classes, ks=(10, 20, 100, 200), T=0.07):
     return results
 
 
-def main():
+def main(argv=None):
     import train  # the dataset and model builders live with the training script
     p = argparse.ArgumentParser(description="k-NN evaluation of a DINO backbone (paper Sec. 4.1)")
-    p.add_argument("--pretrained_weights", required=True, help="our checkpoint.pth or an official backbone file")
+    p.add_argument("--pretrained_weights", default="output/checkpoint.pth", help="our checkpoint (default: "
+                   "output/checkpoint.pth), an official backbone file or an official *_full_checkpoint.pth")
     p.add_argument("--checkpoint_key", default="teacher", choices=["teacher", "student"])
-    p.add_argument("--arch", default=None, help="vit_tiny, vit_small, vit_base (default: from our checkpoint)")
-    p.add_argument("--patch_size", type=int, default=None)
-    p.add_argument("--data_path", default="fashion_mnist", help="dataset name or ImageFolder path")
+    p.add_argument("--arch", default=None, choices=["vit_tiny", "vit_small", "vit_base"],
+                   help="default: the checkpoint's, else vit_small (official backbone files hold no args)")
+    p.add_argument("--patch_size", type=int, default=None, help="default: the checkpoint's, else 16")
+    p.add_argument("--data_path", default="fashion_mnist", help="dataset name or ImageFolder path (train/, val/)")
     p.add_argument("--data_root", default="data")
-    p.add_argument("--image_size", type=int, default=None, help="eval crop size (default: the dataset's)")
+    p.add_argument("--image_size", type=int, default=None,
+                   help="eval crop size (default: the checkpoint's global crop size, else the dataset's)")
     p.add_argument("--temperature", type=float, default=0.07)
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--num_workers", type=int, default=4)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     device = torch.device(args.device)
-    backbone, size = train.load_backbone(args.pretrained_weights, args.arch, args.patch_size, args.checkpoint_key,
-                                         args.data_path)
+    backbone, saved = train.load_backbone(args.pretrained_weights, args.arch, args.patch_size, args.checkpoint_key)
     backbone = backbone.to(device).eval()
     data = train.build_datasets(args.data_path, args.data_root)
-    size = args.image_size or size or data.image_size
+    if data.knn_test is None:
+        raise train.ConfigError(f"{args.data_path} has no labelled test split: k-NN needs train/ and val/ folders")
+    size = args.image_size or saved.get("global_crop_size") or data.image_size
     extract = lambda ds, desc: extract_features(backbone, ds, size, device, args.batch_size, args.num_workers,
                                                 desc=desc)
     knn_report(extract(data.knn_train, "train features"), extract(data.knn_test, "test features"),

@@ -227,48 +227,80 @@ def build_datasets(data_path, data_root):
 
 # --- model and weights -----------------------------------------------------------------------------------
 def build_vit(arch, patch_size, depth=None, drop_path_rate=0.0):
+    if arch not in ("vit_tiny", "vit_small", "vit_base"):
+        raise ConfigError(f"unknown arch {arch!r}: this code has vit_tiny, vit_small and vit_base")
     kw = {"drop_path_rate": drop_path_rate} | ({"depth": depth} if depth else {})
     return getattr(vit, arch)(patch_size=patch_size, **kw)
 
 
 def load_state_dict(path):
-    """weights_only=True: a checkpoint can never run code from a pickle."""
+    """What `path` holds, read with weights_only=True: a checkpoint can never run code from a pickle.
+
+    Official training checkpoints store their `args` as an argparse.Namespace: that one class is allowed.
+    """
     if not os.path.isfile(path):
         raise ConfigError(f"weights file {path} does not exist")
+    torch.serialization.add_safe_globals([argparse.Namespace])
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ConfigError(f"cannot read {path} as a safe torch checkpoint ({type(e).__name__}: {e})") from None
+        reason = " ".join(str(e).split())[:300]  # one line
+        raise ConfigError(f"cannot read {path} as a safe torch checkpoint ({type(e).__name__}: {reason})") from None
 
 
 def backbone_state_dict(ckpt, key="teacher"):
-    """The ViT state dict inside an official backbone file, an official checkpoint, or one of ours."""
-    sd = ckpt.get(key, ckpt) if isinstance(ckpt, dict) else ckpt
-    for prefix in ("module.", "backbone."):
-        if any(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    """The ViT state dict in an official pretrained backbone file (a plain ViT state dict, taken as it is), an
+    official training checkpoint (ckpt[key] with keys `module.backbone.*` for the DDP-wrapped student,
+    `backbone.*` for the teacher) or one of ours (`backbone.*`). The head's keys (`head.*`, whether its weight
+    norm is saved as weight_g / weight_v or as parametrizations.weight.original0 / 1) are left out."""
+    if not isinstance(ckpt, dict):
+        raise ConfigError(f"expected a state dict or a checkpoint dict, found a {type(ckpt).__name__}")
+    if isinstance(ckpt.get(key), dict):
+        sd = ckpt[key]
+    elif all(torch.is_tensor(v) for v in ckpt.values()):
+        sd = ckpt  # a plain state dict
+    else:
+        raise ConfigError(f"the checkpoint has no {key!r} entry (it has {', '.join(sorted(ckpt))}): "
+                          f"choose another --checkpoint_key")
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    if any(k.startswith("backbone.") for k in sd):
+        sd = {k.removeprefix("backbone."): v for k, v in sd.items() if k.startswith("backbone.")}
     return sd
 
 
 def load_strict(model, state_dict, what):
-    missing, unexpected = model.state_dict().keys() - state_dict.keys(), state_dict.keys() - model.state_dict().keys()
-    wrong = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}" for k, v in model.state_dict().items()
+    """model.load_state_dict(strict=True), shapes included, or one line naming what does not fit."""
+    expected = model.state_dict()
+    missing, unexpected = sorted(expected.keys() - state_dict.keys()), sorted(state_dict.keys() - expected.keys())
+    wrong = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
              if k in state_dict and state_dict[k].shape != v.shape]
     if missing or unexpected or wrong:
-        raise ConfigError(f"{what} does not match the model: missing {sorted(missing)[:5]}, unexpected "
-                          f"{sorted(unexpected)[:5]}, wrong shapes {wrong[:3]}: check --arch, --patch_size, "
-                          f"--depth and --out_dim")
+        listed = lambda items: f"{len(items)}" + (f" ({', '.join(items[:4])}{', ...' if len(items) > 4 else ''})"
+                                                  if items else "")
+        found = ""
+        if "patch_embed.proj.weight" in state_dict:  # (D, 3, p, p): say what the file holds
+            width, _, patch, _ = state_dict["patch_embed.proj.weight"].shape
+            depth = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
+            found = f"; the file holds a ViT of width {width}, patch {patch}, {depth} blocks"
+        raise ConfigError(f"{what} does not fit the model: missing keys {listed(missing)}, unexpected keys "
+                          f"{listed(unexpected)}, wrong shapes (file vs model) {listed(wrong)}{found}; "
+                          f"check --arch, --patch_size and --checkpoint_key")
     model.load_state_dict(state_dict)
 
 
-def load_backbone(path, arch=None, patch_size=None, key="teacher", data_path=None):
-    """A backbone with weights from `path`; returns (model, its global crop size or None)."""
+def load_backbone(path, arch=None, patch_size=None, key="teacher"):
+    """(ViT with the weights of `path`, the training args saved with them as a dict, {} for a backbone file).
+
+    `path` is one of our checkpoints, an official training checkpoint or an official pretrained backbone file;
+    arch, patch_size and depth default to the checkpoint's args, else the official vit_small with patch 16.
+    """
     ckpt = load_state_dict(path)
-    saved = ckpt.get("args", {}) if isinstance(ckpt, dict) and "args" in ckpt and isinstance(ckpt["args"], dict) else {}
-    arch, patch_size = arch or saved.get("arch", "vit_small"), patch_size or saved.get("patch_size", 16)
-    model = build_vit(arch, patch_size, saved.get("depth"))
+    saved = ckpt.get("args", {}) if isinstance(ckpt, dict) else {}
+    saved = vars(saved) if isinstance(saved, argparse.Namespace) else dict(saved)  # official: a Namespace
+    model = build_vit(arch or saved.get("arch", "vit_small"), patch_size or saved.get("patch_size", 16),
+                      saved.get("depth"))
     load_strict(model, backbone_state_dict(ckpt, key), f"{path} ({key})")
-    return model, saved.get("global_crop_size")
+    return model, saved
 
 
 # --- schedules, optimizer steps, EMA ---------------------------------------------------------------------
@@ -294,6 +326,8 @@ def param_groups(model):
 def clip_gradients(model, clip):
     """Scale each parameter's gradient to norm <= clip separately (the official per-parameter clipping)."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return
     norms = torch.stack(torch._foreach_norm(grads))  # one norm per parameter
     torch._foreach_mul_(grads, (clip / (norms + 1e-6)).clamp(max=1.0).unbind())
 
@@ -507,9 +541,9 @@ def train_one_epoch(student, teacher, dino_loss, loader, optimizer, epoch, sched
     for it, (crops, params, _) in enumerate(bar):
         step = epoch * niter + it
         for i, group in enumerate(optimizer.param_groups):
-            group["lr"] = lr_schedule[step]
+            group["lr"] = float(lr_schedule[step])
             if i == 0:  # only the regularized group
-                group["weight_decay"] = wd_schedule[step]
+                group["weight_decay"] = float(wd_schedule[step])
         views = to_device_views(crops, params, device, run["mean"], run["std"])  # V x (B, 3, S, S)
         with run["autocast"]:
             teacher_output = teacher(views[:2])  # (2B, K): the teacher sees only the global crops
