@@ -33,22 +33,21 @@ class DINOLoss(nn.Module):
 
     def forward(self, student_output, teacher_output, epoch):
         """student_output (V * B, K) and teacher_output (2 * B, K), crops stacked in order."""
-        student_out = (student_output.float() / self.student_temp).chunk(self.ncrops)  # V x (B, K)
-        teacher_out = teacher_output.detach().float()
+        # P_s: student crops over tau_s; P_t: teacher global crops centered, then sharpened by tau_t
+        log_ps = F.log_softmax(student_output.float() / self.student_temp, dim=-1)  # (V * B, K)
+        log_ps = log_ps.unflatten(0, (self.ncrops, -1))  # (V, B, K)
+        teacher_out = teacher_output.detach().float()  # no gradient reaches the teacher
         teacher_probs = F.softmax((teacher_out - self.center) / self.teacher_temp(epoch), dim=-1)  # (2B, K)
         # diagnostic for collapse (Sec. 5.3): mean entropy of the targets, ln K when uniform, 0 when one-hot
         self.teacher_entropy = torch.special.entr(teacher_probs).sum(dim=-1).mean().detach()
-        teacher_probs = teacher_probs.chunk(2)  # 2 x (B, K)
 
-        total, n_terms = 0.0, 0
-        for iq, q in enumerate(teacher_probs):
-            for v, s in enumerate(student_out):
-                if v == iq:
-                    continue  # same view for teacher and student: skipped
-                total = total + torch.sum(-q * F.log_softmax(s, dim=-1), dim=-1).mean()  # H(P_t, P_s)
-                n_terms += 1
+        # H(P_t(x_i), P_s(x_v)) = -sum_k P_t log P_s for every (teacher i, student v) pair, batch-averaged
+        pt = teacher_probs.unflatten(0, (2, -1))  # (2, B, K)
+        cross_entropy = -torch.einsum("ibk,vbk->iv", pt, log_ps) / log_ps.shape[1]  # (2, V)
+        same_view = torch.eye(2, self.ncrops, dtype=torch.bool, device=cross_entropy.device)  # pairs v == i
+        loss = cross_entropy.masked_fill(same_view, 0).sum() / (2 * self.ncrops - 2)  # mean over the others
         self.update_center(teacher_out)
-        return total / n_terms
+        return loss
 
     @torch.no_grad()
     def update_center(self, teacher_out):
