@@ -7,6 +7,7 @@ torch.Generator seeded by `MultiCropDataset` from (seed, epoch, index); `photome
 
 Shape letters: B images, V crops per image (2 global + N local), S crop side, P photometric params.
 """
+import itertools
 import math
 
 import numpy as np
@@ -163,9 +164,15 @@ def photometric(crops, params, mean=IMAGENET_MEAN, std=IMAGENET_STD, sigma_max=2
 
 
 class MultiCropDataset(torch.utils.data.Dataset):
-    """Wraps a dataset of (image, label); item (epoch, index) -> (crops, params, label), reproducibly."""
-    def __init__(self, dataset, transform, seed=0):
+    """Wraps a dataset of (image, label); item (epoch, index) -> (crops, params, label), reproducibly.
+
+    With skip_unreadable=True, an image whose loading raises OSError (an empty, truncated or corrupt file) is
+    replaced by the next readable one, cropped with the draws of (epoch, index), and items get a 4th element:
+    the error message naming the file ("" when the image was read). Batches keep their size, runs stay
+    reproducible, and the training loop counts and reports the messages."""
+    def __init__(self, dataset, transform, seed=0, skip_unreadable=False):
         self.dataset, self.transform, self.seed = dataset, transform, seed
+        self.skip_unreadable = skip_unreadable
 
     def __len__(self):
         return len(self.dataset)
@@ -175,9 +182,23 @@ class MultiCropDataset(torch.utils.data.Dataset):
         # NOTE: the official code draws from the workers' global RNGs; we seed one generator per sample.
         # SeedSequence mixes the three numbers, so neighbouring (epoch, index) get unrelated streams.
         seed = np.random.SeedSequence([self.seed, int(epoch), int(index)]).generate_state(1)[0]
-        image, label = self.dataset[index]
+        image, label, error = self.load(index)
         crops, params = self.transform(image, torch.Generator().manual_seed(int(seed)))
-        return crops, params, label
+        return (crops, params, label, error) if self.skip_unreadable else (crops, params, label)
+
+    def load(self, index):
+        """(image, label, "") or, when `index` cannot be read, the next readable index's image and label, and the
+        error message."""
+        if not self.skip_unreadable:
+            return *self.dataset[index], ""
+        # NOTE: the official code (torchvision's ImageFolder with PIL) stops at the first unreadable image.
+        error = ""
+        for k in range(len(self.dataset)):
+            try:
+                return *self.dataset[(index + k) % len(self.dataset)], error
+            except OSError as e:
+                error = error or str(e)
+        raise OSError(f"no image of the dataset can be read; the first error: {error}")
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -185,16 +206,17 @@ class EpochSampler(torch.utils.data.Sampler):
     The epoch travels in the key because persistent workers never see attributes set in the main process."""
     def __init__(self, sampler):
         super().__init__()
-        self.sampler, self.epoch = sampler, 0
+        self.sampler, self.epoch, self.start = sampler, 0, 0
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
+    def set_epoch(self, epoch, start=0):
+        """start: skip the epoch's first `start` indices, those a run stopped in the middle of the epoch has done."""
+        self.epoch, self.start = epoch, start
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
 
     def __iter__(self):
         epoch = self.epoch  # fixed when the iteration starts
-        return ((epoch, int(index)) for index in self.sampler)
+        return ((epoch, int(index)) for index in itertools.islice(self.sampler, self.start, None))
 
     def __len__(self):
-        return len(self.sampler)
+        return len(self.sampler) - self.start

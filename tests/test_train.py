@@ -1,5 +1,6 @@
 """End-to-end claims about train.py on real Fashion-MNIST images (tiny ViT, a few steps, CPU)."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -12,8 +13,9 @@ import train
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--data_path", "fashion_mnist", "--subset", "256", "--arch", "vit_tiny", "--depth", "1",
-        "--patch_size", "7", "--out_dim", "128", "--local_crops_number", "2", "--batch_size_per_gpu", "32",
-        "--num_workers", "0", "--knn_every", "1", "--lr", "0.002", "--warmup_epochs", "0", "--log_every", "2"]
+        "--patch_size", "7", "--global_crop_size", "28", "--local_crop_size", "14", "--out_dim", "128",
+        "--local_crops_number", "2", "--batch_size_per_gpu", "32", "--num_workers", "0", "--knn_every", "1",
+        "--lr", "0.002", "--warmup_epochs", "0", "--log_every", "2"]  # crop sizes: also for folders (no preset)
 
 
 def read_log(out):
@@ -25,12 +27,14 @@ def run_script(*args, **kw):
 
 
 def test_tiny_training_has_finite_decreasing_loss_and_writes_checkpoint(tmp_path):
-    train.main(TINY + ["--epochs", "3", "--output_dir", str(tmp_path)])
+    """Alg. 1 on real images: the loss starts near ln K (near-uniform outputs at init) and falls."""
+    train.main(TINY + ["--epochs", "3", "--teacher_temp", "0.02", "--warmup_teacher_temp", "0.02",
+                       "--output_dir", str(tmp_path)])
     log = read_log(tmp_path)
     assert log[0]["epoch"] == -1 and 0 <= log[0]["knn_top1"] <= 100  # k-NN before training
     losses = [row["train_loss"] for row in log[1:]]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
-    assert losses[-1] < losses[0]
+    assert losses[-1] < losses[0] < math.log(128)
     assert all("knn_top1" in row and "teacher_entropy" in row for row in log[1:])
     ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
     assert ckpt["epoch"] == 3 and isinstance(ckpt["args"], dict)
@@ -45,14 +49,6 @@ def test_training_resumes_from_the_saved_epoch(tmp_path, capsys):
     epochs = [row["epoch"] for row in read_log(tmp_path)]
     assert epochs == [-1, 0, 1]  # no second "before training" k-NN, epoch 0 not trained again
     assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["epoch"] == 2
-
-
-def test_torchrun_with_two_cpu_processes_trains_to_the_end(tmp_path):
-    res = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-                     *TINY, "--epochs", "1", "--output_dir", str(tmp_path))
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["epoch"] == 1
-    assert [row["epoch"] for row in read_log(tmp_path)] == [-1, 0]  # only rank 0 writes
 
 
 @pytest.mark.parametrize("flags, message", [
