@@ -73,3 +73,16 @@ def test_checkpoint_of_another_architecture_is_refused_and_kept(tmp_path):
     with pytest.raises(train.ConfigError, match="out_dim"):
         train.main(TINY + ["--epochs", "2", "--out_dim", "256", "--output_dir", str(tmp_path)])
     assert (tmp_path / "checkpoint.pth").read_bytes() == before
+
+
+def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    train.main(TINY + ["--epochs", "1", "--knn_every", "0", "--output_dir", str(tmp_path)])
+    before = (tmp_path / "checkpoint.pth").read_bytes()
+    def nan_loss(self, student_output, teacher_output, epoch):
+        self.teacher_entropy = torch.zeros(())
+        return student_output.sum() * float("nan")
+
+    monkeypatch.setattr(train.DINOLoss, "forward", nan_loss)
+    with pytest.raises(SystemExit, match="loss is nan"):
+        train.main(TINY + ["--epochs", "2", "--knn_every", "0", "--output_dir", str(tmp_path)])
+    assert (tmp_path / "checkpoint.pth").read_bytes() == before

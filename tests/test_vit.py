@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import vit
 
-FACTS = Path(__file__).resolve().parents[2] / "shared" / "facts" / "official_dino_state_dict_shapes.json"
+FACTS = Path(__file__).resolve().parent / "official_dino_state_dict_shapes.json"  # copied from shared/facts
 
 
 def official_vit_shapes(dim, patch_size, depth=12):

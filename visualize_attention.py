@@ -1,0 +1,223 @@
+"""Self-attention of the CLS token in the last block (paper Fig. 1 and 3; Sec. 4.2.2 and Fig. 4 for the masks).
+
+DINO's CLS token learns, without labels, to attend to the object in the image. For each image this writes
+into --output_dir/<image name>/:
+  img.png                     the input: short side resized to --image_size, cropped to a multiple of the patch
+  attn-head{j}.png            the CLS-to-patch attention of head j (one patch = patch x patch pixels, nearest)
+  attn-mean.png               the mean over the heads
+  mask-head{j}.png, mask-mean.png   the smallest set of patches holding --threshold of that map's mass, over the image
+  grid.png                    all of them: heat maps on the first row, masks on the second
+The images: --image_path, else the first test images of the dataset one of our checkpoints was trained on
+(fashion_mnist, cifar10, ...) at its crop size, else the photos in assets/ at 480 px.
+
+    python visualize_attention.py --pretrained_weights dino_deitsmall8_pretrain.pth --arch vit_small --patch_size 8
+    python visualize_attention.py --pretrained_weights output/checkpoint.pth --foreground_share
+
+--foreground_share measures the property on Fashion-MNIST, whose background is black: the share of the
+CLS attention that falls on the garment, for the model and for the same architecture at random init.
+
+Shape letters: B images, H heads, h x w patch grid, p patch size, S image side.
+"""
+import argparse
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torchvision.transforms.v2 import functional as TF
+
+import train
+import vit
+from augment import IMAGENET_MEAN, IMAGENET_STD
+
+SAMPLE_PHOTOS = sorted((Path(__file__).resolve().parent / "assets").glob("*.jpg"))  # see assets/README.md
+# viridis at 0, 1/4, 1/2, 3/4, 1 (dark purple, blue, teal, green, yellow); heat maps interpolate linearly
+VIRIDIS = torch.tensor([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]]).float()
+MASK_COLOR = (255, 40, 40)
+FOREGROUND_MIN_MEAN = 0.1  # a patch is foreground when its mean pixel value exceeds 10% of the full range
+
+
+@torch.no_grad()
+def attention_maps(model, images):
+    """CLS-to-patch attention of every head of the last block: (B, H, h, w) for normalized images (B, 3, S, S'),
+    or (H, h, w) for one image (3, S, S'). Each head's map sums to 1 over the patches.
+
+    The CLS row of the softmax also holds the CLS-to-CLS weight; it is dropped and the row renormalized over
+    the patches. (The official script shows the row unnormalized; its heat maps and masks are the same.)
+    """
+    batch = images if images.ndim == 4 else images[None]
+    h, w = batch.shape[-2] // model.patch_size, batch.shape[-1] // model.patch_size
+    attn = model.get_last_selfattention(batch)  # (B, H, 1+N, 1+N)
+    cls = attn[:, :, 0, 1:].float()  # (B, H, N): what the CLS query attends to, without itself
+    cls = cls / cls.sum(dim=-1, keepdim=True)
+    maps = cls.reshape(len(batch), -1, h, w)  # (B, H, h, w)
+    return maps if images.ndim == 4 else maps[0]
+
+
+def threshold_masks(maps, threshold):
+    """Boolean (..., h, w): per map, the smallest set of patches holding at least `threshold` of its mass.
+
+    Patches sorted by weight, largest first, are kept while the mass of those before them is < threshold.
+    """
+    flat = maps.flatten(-2)  # (..., N)
+    values, order = flat.sort(dim=-1, descending=True)
+    before = values.cumsum(dim=-1) - values  # (..., N): mass of the larger patches
+    keep = before < threshold * flat.sum(dim=-1, keepdim=True)
+    return torch.zeros_like(keep).scatter(-1, order, keep).reshape(maps.shape)
+
+
+def colorize(maps):
+    """(..., h, w) -> (..., 3, h, w) uint8 heat maps, each map stretched to its own min..max (as plt.imsave)."""
+    lo, hi = maps.amin(dim=(-2, -1), keepdim=True), maps.amax(dim=(-2, -1), keepdim=True)
+    t = (maps - lo) / (hi - lo).clamp_min(1e-12) * (len(VIRIDIS) - 1)  # position along the stops
+    i = t.floor().long().clamp(max=len(VIRIDIS) - 2)
+    frac = (t - i)[..., None]
+    rgb = VIRIDIS[i] * (1 - frac) + VIRIDIS[i + 1] * frac  # (..., h, w, 3)
+    return rgb.round().to(torch.uint8).movedim(-1, -3)
+
+
+def overlay(image, mask, alpha=0.5):
+    """The uint8 (3, S, S') image with MASK_COLOR blended over the pixels where mask (S, S') is set."""
+    m = alpha * mask.float()  # (S, S')
+    color = torch.tensor(MASK_COLOR).float().view(3, 1, 1)
+    return (image.float() * (1 - m) + color * m).round().to(torch.uint8)
+
+
+def to_rgb(image):
+    image = TF.to_image(image)  # PIL or tensor -> uint8 (C, S, S')
+    return image.expand(3, -1, -1) if image.shape[0] == 1 else image[:3]
+
+
+def normalize(images, device):
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(3, 1, 1)
+    return (images.to(device).float() / 255 - mean) / std
+
+
+def load_photo(path, image_size, patch_size):
+    """uint8 (3, S, S'): short side resized to image_size, center-cropped to multiples of the patch size.
+
+    NOTE: the official script squashes every image to 480 x 480 and crops at the top left; this keeps the
+    aspect ratio.
+    """
+    image = TF.resize(train.read_image(str(path)), image_size, antialias=True)
+    return TF.center_crop(image, [s // patch_size * patch_size for s in image.shape[-2:]])
+
+
+def write_visualization(model, image, out_dir, threshold):
+    """Writes the PNGs listed at the top for one uint8 (3, S, S') image; returns their paths."""
+    device, p = next(model.parameters()).device, model.patch_size
+    maps = attention_maps(model, normalize(image, device)).cpu()  # (H, h, w)
+    maps = torch.cat([maps, maps.mean(dim=0, keepdim=True)])  # (H+1, h, w): the heads, then their mean
+    names = [f"head{j}" for j in range(len(maps) - 1)] + ["mean"]
+    up = lambda x: x.repeat_interleave(p, dim=-2).repeat_interleave(p, dim=-1)  # a patch -> p x p pixels
+    heat = up(colorize(maps))  # (H+1, 3, S, S')
+    masks = torch.stack([overlay(image, m) for m in up(threshold_masks(maps, threshold))])  # (H+1, 3, S, S')
+    zoom = max(1, 240 // min(image.shape[-2:]))  # tiny images (Fashion-MNIST) are enlarged to be seen
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+
+    def write(img, name):
+        paths.append(out_dir / name)
+        torchvision.utils.save_image(img.repeat_interleave(zoom, -2).repeat_interleave(zoom, -1) / 255, paths[-1])
+
+    write(image, "img.png")
+    for name, h, m in zip(names, heat, masks):
+        write(h, f"attn-{name}.png")
+        write(m, f"mask-{name}.png")
+    rows = torch.cat([image[None], heat, image[None], masks])  # (2 (H+2), 3, S, S')
+    write(torchvision.utils.make_grid(rows, nrow=len(maps) + 1, padding=2, pad_value=255), "grid.png")
+    return paths
+
+
+@torch.no_grad()
+def foreground_share(model, images, min_mean=FOREGROUND_MIN_MEAN, batch_size=256):
+    """(share of the CLS attention, mean over heads, on foreground patches; share of foreground patches), each
+    averaged over the uint8 (B, 3, S, S) images, whose background is black. The second figure is what uniform
+    attention would get: the chance level. A patch is foreground when its mean pixel value > min_mean * 255."""
+    device, shares, fractions = next(model.parameters()).device, [], []
+    for batch in images.split(batch_size):
+        attn = attention_maps(model, normalize(batch, device)).mean(dim=1)  # (b, h, w): mean over heads
+        patch_mean = F.avg_pool2d(batch.to(device).float().mean(1, keepdim=True), model.patch_size)[:, 0]  # (b, h, w)
+        foreground = patch_mean > min_mean * 255
+        shares.append((attn * foreground).sum(dim=(-2, -1)))
+        fractions.append(foreground.float().mean(dim=(-2, -1)))
+    return torch.cat(shares).mean().item(), torch.cat(fractions).mean().item()
+
+
+def dataset_images(data_path, data_root, n, image_size, patch_size):
+    """The first n test images of a dataset, uint8 (n, 3, S, S), resized to S x S with S = image_size (default:
+    the dataset's) rounded down to a multiple of the patch size, and their names."""
+    data = train.build_datasets(data_path, data_root)
+    test = data.knn_test if data.knn_test is not None else data.train
+    size = (image_size or data.image_size) // patch_size * patch_size
+    images = [TF.resize(to_rgb(test[i][0]), [size, size], antialias=True) for i in range(min(n, len(test)))]
+    images = torch.stack(images)
+    return images, [f"{Path(data_path).name}_test{i}" for i in range(len(images))]
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("Visualize the last block's CLS self-attention (paper Fig. 1, 3)",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--pretrained_weights", default="", help="our checkpoint, an official backbone file or an "
+                   "official full checkpoint; none: a randomly initialized model")
+    p.add_argument("--checkpoint_key", default="teacher", choices=["teacher", "student"])
+    p.add_argument("--arch", default=None, choices=["vit_tiny", "vit_small", "vit_base"],
+                   help="default: the checkpoint's, else vit_small")
+    p.add_argument("--patch_size", type=int, default=None, help="default: the checkpoint's, else 16 (official: 8)")
+    p.add_argument("--image_path", nargs="*", default=None, help="image files (default: the photos in assets/, or "
+                   "the test images of the dataset the checkpoint was trained on, see --data_path)")
+    p.add_argument("--data_path", default=None, help="use the first --num_images test images of this dataset "
+                   "(default: the checkpoint's dataset when it is a named one such as fashion_mnist)")
+    p.add_argument("--data_root", default="data")
+    p.add_argument("--num_images", type=int, default=None, help="dataset images: 4 to show, 1000 to measure")
+    p.add_argument("--image_size", type=int, default=None,
+                   help="short side of the input (default: 480 for photos, the checkpoint's crop size for datasets)")
+    p.add_argument("--threshold", type=float, default=0.6,
+                   help="share of the attention mass the masks keep (paper Fig. 4: 0.6; official default: no masks)")
+    p.add_argument("--output_dir", default="attention")
+    p.add_argument("--foreground_share", action="store_true", help="measure instead the share of attention on "
+                   "foreground patches of --num_images Fashion-MNIST test images, trained vs random init")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    device = torch.device(args.device)
+    if args.pretrained_weights:
+        model, saved = train.load_backbone(args.pretrained_weights, args.arch, args.patch_size, args.checkpoint_key)
+    else:
+        model, saved = train.build_vit(args.arch or "vit_small", args.patch_size or 16), {}
+        print(f"no --pretrained_weights: a randomly initialized {args.arch or 'vit_small'}/{model.patch_size}, "
+              f"whose attention shows nothing learned")
+    model = model.to(device).eval()
+
+    if args.foreground_share:
+        data_path = args.data_path or "fashion_mnist"
+        size = args.image_size or saved.get("global_crop_size")
+        images, _ = dataset_images(data_path, args.data_root, args.num_images or 1000, size, model.patch_size)
+        torch.manual_seed(0)
+        random_init = vit.VisionTransformer(model.patch_size, model.embed_dim, len(model.blocks), model.num_heads)
+        trained, chance = foreground_share(model, images)
+        baseline, _ = foreground_share(random_init.to(device).eval(), images)
+        print(f"foreground attention share over {len(images)} {data_path} test images at {images.shape[-1]} px: "
+              f"trained {trained:.2f}, random init {baseline:.2f} (foreground patches are {chance:.2f} of all: "
+              f"the share of uniform attention)")
+        return
+
+    data_path = args.data_path or (saved.get("data_path") if saved.get("data_path") in train.PRESETS else None)
+    if args.image_path is None and data_path:
+        size = args.image_size or saved.get("global_crop_size")
+        images, names = dataset_images(data_path, args.data_root, args.num_images or 4, size, model.patch_size)
+    else:
+        paths = args.image_path or SAMPLE_PHOTOS
+        images = [load_photo(path, args.image_size or 480, model.patch_size) for path in paths]
+        names = [Path(path).stem for path in paths]
+    for image, name in zip(images, names):
+        paths = write_visualization(model, image, Path(args.output_dir) / name, args.threshold)
+        print(f"{name}: {len(paths)} PNGs in {paths[0].parent} (grid: {paths[-1]})")
+
+
+if __name__ == "__main__":
+    train.run_cli(main)
