@@ -199,7 +199,7 @@ def read_image(path):
     (empty, truncated, corrupt, not an image) raises OSError naming it."""
     try:
         image = torchvision.io.decode_image(torchvision.io.read_file(path), mode=torchvision.io.ImageReadMode.RGB)
-    except (RuntimeError, ValueError):
+    except (RuntimeError, ValueError, AttributeError):  # AttributeError: a torchvision without io decoding
         from PIL import Image
         try:
             with Image.open(path) as img:
