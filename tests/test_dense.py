@@ -1,0 +1,206 @@
+"""Dense descriptors, co-segmentation and correspondences (Amir et al. 2021, "Deep ViT Features as Dense Visual
+Descriptors"; reference code ShirAmir/dino-vit-features)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dense
+import vit
+
+
+def tiny_vit(patch_size=4, depth=2):
+    torch.manual_seed(0)
+    return vit.vit_tiny(patch_size=patch_size, depth=depth).eval()
+
+
+def reference_facet(model, images, layer, facet, stride):
+    """The reference's way: the patch convolution's stride set to `stride`, position embeddings interpolated
+    for the grid 1 + (H - p) // stride, and a forward hook on block `layer` (its attention module for
+    key / query / value, recomputing qkv from the hooked input) during a full forward pass."""
+    p = model.patch_size
+    B, _, H, W = images.shape
+    h0, w0 = 1 + (H - p) // stride, 1 + (W - p) // stride
+    side = int(math.sqrt(model.pos_embed.shape[1] - 1))
+    patch_pos = model.pos_embed[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    patch_pos = F.interpolate(patch_pos, scale_factor=((h0 + 0.1) / side, (w0 + 0.1) / side), mode="bicubic",
+                              align_corners=False, recompute_scale_factor=False)
+    pos = torch.cat([model.pos_embed[:, :1], patch_pos.permute(0, 2, 3, 1).reshape(1, h0 * w0, -1)], dim=1)
+    x = F.conv2d(images, model.patch_embed.proj.weight, model.patch_embed.proj.bias, stride=stride)
+    x = torch.cat([model.cls_token.expand(B, -1, -1), x.flatten(2).transpose(1, 2)], dim=1) + pos
+    feats = []
+
+    def hook(module, inputs, output):
+        if facet == "token":
+            feats.append(output[:, None])  # (B, 1, T, D)
+        else:
+            t = inputs[0]
+            qkv = module.qkv(t).reshape(B, t.shape[1], 3, module.num_heads, -1).permute(2, 0, 3, 1, 4)
+            feats.append(qkv[("query", "key", "value").index(facet)])  # (B, H, T, D/H)
+
+    target = model.blocks[layer] if facet == "token" else model.blocks[layer].attn
+    handle = target.register_forward_hook(hook)
+    with torch.no_grad():
+        for blk in model.blocks:
+            x = blk(x)
+    handle.remove()
+    return feats[0][:, :, 1:].permute(0, 2, 3, 1).flatten(-2), (h0, w0)  # (B, N, D), the reference's layout
+
+
+@pytest.mark.parametrize("facet", dense.FACETS)
+def test_descriptors_at_stride_p_are_the_plain_forward_tokens(facet):
+    """At stride = patch size, 'token' of the last block is the plain forward's output before the final norm, and
+    the key / query / value are those the plain forward computes in that block."""
+    model = tiny_vit()
+    x = torch.randn(2, 3, 16, 20)
+    desc, sal, grid = dense.extract(model, x, layer=1, facet=facet, include_cls=True)
+    assert grid == (4, 5) and sal is None
+    with torch.no_grad():
+        if facet == "token":
+            assert torch.allclose(model.norm(desc), model.get_intermediate_layers(x)[0], atol=1e-5)
+    ref, _ = reference_facet(model, x, 1, facet, stride=4)
+    assert torch.allclose(desc[:, 1:], ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("facet", ["key", "token"])
+@pytest.mark.parametrize("stride,size", [(2, (16, 16)), (1, (13, 18)), (2, (15, 22))])
+def test_lower_stride_gives_the_grid_and_the_numbers_of_the_reference(facet, stride, size):
+    """Sec. 3.1: "we ... change the stride of the patch extraction ... overlapping patches"; the grid is
+    (H - p) // s + 1 and the position embeddings are interpolated to it, as the reference's _fix_pos_enc."""
+    model = tiny_vit()
+    x = torch.randn(2, 3, *size)
+    desc, _, grid = dense.extract(model, x, layer=0, facet=facet, stride=stride)
+    expected_grid = ((size[0] - 4) // stride + 1, (size[1] - 4) // stride + 1)
+    assert grid == expected_grid and desc.shape == (2, expected_grid[0] * expected_grid[1], 192)
+    ref, ref_grid = reference_facet(model, x, 0, facet, stride)
+    assert ref_grid == grid
+    assert torch.allclose(desc, ref, atol=1e-5)
+
+
+def test_stride_must_divide_the_patch_size():
+    with pytest.raises(ValueError, match="does not divide"):
+        dense.extract(tiny_vit(), torch.randn(1, 3, 16, 16), layer=0, stride=3)
+
+
+def slow_log_bin(desc, grid):
+    """Log-binning patch by patch: bin b of patch (y, x) is the mean over a window of the grid, windows that leave
+    the grid are clamped to the border window, averages count only the patches inside the grid."""
+    h, w = grid
+    x = desc.reshape(h, w, -1)
+    out = torch.zeros(h, w, 17, x.shape[-1])
+    for y in range(h):
+        for xx in range(w):
+            b = 0
+            for size in (1, 3):
+                for cy in (y - size, y, y + size):
+                    for cx in (xx - size, xx, xx + size):
+                        if size == 3 and (cy, cx) == (y, xx):
+                            continue
+                        cy_, cx_ = min(max(cy, 0), h - 1), min(max(cx, 0), w - 1)
+                        r = size // 2
+                        window = x[max(cy_ - r, 0):cy_ + r + 1, max(cx_ - r, 0):cx_ + r + 1]
+                        out[y, xx, b] = window.reshape(-1, x.shape[-1]).mean(0)
+                        b += 1
+    return out.reshape(h * w, -1)
+
+
+@pytest.mark.parametrize("grid", [(5, 7), (2, 3), (1, 1)])
+def test_log_binning_equals_a_direct_computation(grid):
+    """Sec. 3.1 "Log-binning": 17 bins of 2 levels, a 3 x 3 then a 9 x 9 neighbourhood."""
+    desc = torch.randn(2, grid[0] * grid[1], 3)
+    binned = dense.log_bin(desc, grid)
+    assert binned.shape == (2, grid[0] * grid[1], 17 * 3)
+    for b in range(2):
+        assert torch.allclose(binned[b], slow_log_bin(desc[b], grid), atol=1e-6)
+
+
+def test_saliency_is_the_min_max_normalized_cls_attention_of_the_last_block():
+    model = tiny_vit()
+    x = torch.randn(2, 3, 16, 16)
+    _, sal, _ = dense.extract(model, x, layer=0, saliency=True)
+    with torch.no_grad():
+        cls = model.get_last_selfattention(x)[:, :, 0, 1:].mean(1)  # all 3 heads of this tiny model
+    expected = (cls - cls.amin(1, keepdim=True)) / (cls.amax(1, keepdim=True) - cls.amin(1, keepdim=True))
+    assert torch.allclose(sal, expected, atol=1e-5)
+    assert dense.saliency_heads(vit.vit_small(patch_size=8, depth=1)) == [0, 2, 4, 5]
+
+
+def blobs(k=4, per=50, dim=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centers = F.normalize(torch.randn(k, dim, generator=g), dim=1) * 5
+    labels = torch.arange(k).repeat_interleave(per)
+    return centers[labels] + 0.1 * torch.randn(k * per, dim, generator=g), labels
+
+
+def same_partition(a, b):
+    return torch.equal(a[:, None] == a[None], b[:, None] == b[None])
+
+
+def test_kmeans_recovers_well_separated_clusters():
+    x, labels = blobs()
+    centroids, found = dense.kmeans(x, 4)
+    assert same_partition(found, labels)
+    for c in range(4):
+        assert torch.allclose(centroids[found[labels == c][0]], x[labels == c].mean(0), atol=1e-5)
+
+
+def test_elbow_stops_past_the_true_number_of_clusters():
+    """The reference's rule: the first k whose mean squared distance is above 0.975 x that of k - 1. With 3
+    tight clusters, k = 3 still gains a lot and k = 4 gains little: it stops at 4 (the first with no gain)."""
+    x, labels = blobs(k=3, per=40, dim=64)  # k = 4 gains 1.6%: splitting a cluster helps little in 64 dims
+    centroids, found = dense.elbow_kmeans(list(x.split(30)), sample_interval=1)
+    assert len(centroids) == 4
+    merged = torch.stack([torch.bincount(found[labels == c], minlength=4).argmax() for c in range(3)])
+    assert len(set(merged.tolist())) == 3  # each true cluster lies mostly in its own cluster
+
+
+def test_best_buddies_recover_a_known_permutation():
+    """Sec. 4.3: best buddies, "pairs of descriptors that are mutual nearest neighbours"."""
+    g = torch.Generator().manual_seed(0)
+    desc1 = torch.randn(30, 16, generator=g)
+    perm = torch.randperm(30, generator=g)
+    desc2 = desc1[perm] + 0.01 * torch.randn(30, 16, generator=g)  # desc2[k] ~ desc1[perm[k]]
+    i, j = dense.best_buddies(desc1, desc2)
+    assert len(i) == 30 and torch.equal(perm[j], i)
+    extra = torch.cat([desc2, desc1[:1] * 0.9 + desc1[1:2] * 0.1])  # a near-copy of desc1[0]: only one buddy
+    i, j = dense.best_buddies(desc1, extra)
+    assert len(i) == 30 and torch.equal(torch.bincount(i, minlength=30), torch.ones(30, dtype=torch.long))
+
+
+def test_correspondences_pick_salient_buddies_one_per_cluster():
+    x, labels = blobs(k=5, per=10, dim=8)
+    sal1 = torch.ones(50)
+    sal1[torch.arange(50) % 10 == 3] = 0.9  # one slightly less salient patch in every cluster
+    sal1[labels == 4] = 0.0  # the fifth cluster is background
+    perm = torch.randperm(50, generator=torch.Generator().manual_seed(1))
+    (i, j), (all_i, all_j) = dense.correspondences(x, x[perm], sal1, sal1[perm], num_pairs=4)
+    assert len(all_i) == 40 and torch.equal(perm[all_j], all_i)
+    assert sorted(labels[i].tolist()) == [0, 1, 2, 3] and torch.equal(perm[j], i)
+    assert (sal1[i] == 1).all()
+
+
+def test_cosegmentation_finds_the_cluster_salient_in_every_image_and_parts_split_it():
+    """Sec. 4.1: clusters are "salient" when most images vote for them; Sec. 4.2: the foreground is clustered
+    again into parts."""
+    x, labels = blobs(k=4, per=60, dim=16)
+    # 6 images of 40 patches; clusters 0, 1 (the object, two parts) are salient, 2 and 3 are not
+    order = torch.randperm(240, generator=torch.Generator().manual_seed(2))
+    descs, truth = list(x[order].split(40)), list(labels[order].split(40))
+    sals = [(t < 2).float() * 0.8 + 0.05 for t in truth]
+    masks, centroids, salient = dense.cosegment(descs, sals, sample_interval=1)
+    for m, t in zip(masks, truth):
+        assert torch.equal(m, t < 2)
+    parts = dense.part_cosegment(descs, sals, num_parts=2, sample_interval=1)
+    flat, truth = torch.cat(parts), torch.cat(truth)
+    assert (flat[truth >= 2] == 2).all()  # background label = num_parts
+    assert same_partition(flat[truth < 2], truth[truth < 2])
+
+
+def test_patch_centres_and_pixel_maps():
+    assert dense.patch_centers(torch.tensor([0, 6]), (3, 5), 8, 4).tolist() == [[4, 4], [8, 8]]
+    grid_map = torch.arange(4).reshape(1, 4)  # a 2 x 2 grid, patch 4, stride 4, 8 x 8 px: four 4 x 4 blocks
+    pixels = dense.patches_to_pixels(grid_map, (2, 2), (8, 8), 4, 4)[0]
+    assert torch.equal(pixels, torch.arange(4).reshape(2, 2).repeat_interleave(4, 0).repeat_interleave(4, 1))
+    pixels = dense.patches_to_pixels(torch.arange(9), (3, 3), (8, 8), 4, 2)  # centres at 2, 4, 6
+    assert pixels[:, 0].tolist() == [0, 0, 0, 3, 3, 6, 6, 6]
