@@ -14,8 +14,15 @@ The scripts cosegment.py and correspond.py read images, run these and draw the p
 Shape letters: B images, N patches (h x w grid), D descriptor width, H heads, M descriptors, K clusters,
 p patch size, s stride.
 """
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
+from torchvision.transforms.v2 import functional as TF
+
+import checkpoint
+import data
+from cli import ConfigError, bool_flag, existing_file, nonneg_int, positive_int, unit_float
 
 FACETS = ("key", "query", "value", "token")
 # NOTE: the reference averages heads 0, 2, 4, 5 of the official ViT-S/8 for its saliency maps, and has no
@@ -285,3 +292,88 @@ def patches_to_pixels(maps, grid, size, patch_size, stride):
             for n, g in zip(size, grid)]
     maps = maps.reshape(*maps.shape[:-1], *grid)  # (..., h, w)
     return maps[..., rows[0].to(maps.device), :][..., rows[1].to(maps.device)]
+
+
+# --- what the scripts share (cosegment.py, correspond.py) -------------------------------------------------
+PALETTE = ["red", "yellow", "lime", "magenta", "cyan", "orange", "deepskyblue", "white", "pink", "gold",
+           "springgreen", "violet", "coral", "aquamarine", "khaki"]  # bright: they are drawn on dark images
+
+
+def add_arguments(parser, default_layer, default_bin, default_load_size):
+    g = parser.add_argument_group("model and descriptors (Amir et al. Sec. 3)")
+    g.add_argument("--pretrained_weights", type=existing_file, default=None, help="our checkpoint (the teacher), "
+                   "an official training checkpoint or backbone file (dino_deitsmall8_pretrain.pth); none: random init")
+    g.add_argument("--checkpoint_key", default="teacher", choices=["teacher", "student"])
+    g.add_argument("--arch", default=None, choices=checkpoint.ARCHS, help="default: the checkpoint's, else vit_small")
+    g.add_argument("--patch_size", type=positive_int, default=None, help="default: the checkpoint's, else 16")
+    g.add_argument("--stride", type=positive_int, default=None, help="stride of the patch extraction, a divisor "
+                   "of the patch size: smaller = overlapping patches, a finer grid (reference: 4 for patch 8); "
+                   "default: the patch size")
+    g.add_argument("--layer", type=nonneg_int, default=None, help=f"block (from 0) whose facet is the descriptor; "
+                   f"default: {default_layer}")
+    g.add_argument("--facet", default="key", choices=FACETS, help="key, query, value of the attention (heads "
+                   "concatenated) or token (the block's output)")
+    g.add_argument("--bin", type=bool_flag, default=default_bin, help="log-binning (17 bins of the 9 x 9 "
+                   "neighbourhood, Sec. 3.1)")
+    g = parser.add_argument_group("images")
+    g.add_argument("--image_path", nargs="+", type=existing_file, default=None, help="image files")
+    g.add_argument("--data_path", default=None, help="instead: test images of a dataset (fashion_mnist, ...), "
+                   "those of --class_index")
+    g.add_argument("--data_root", default="data")
+    g.add_argument("--class_index", type=nonneg_int, default=0)
+    g.add_argument("--load_size", type=positive_int, default=None, help="short side the images are resized to; "
+                   f"default: {default_load_size} for files, 56 for Fashion-MNIST (2x: 8 x 8 patches of 7 px)")
+    g.add_argument("--output_dir", default="dense_output")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(args):
+    """The ViT of --pretrained_weights (or a random one), on the device, in eval mode, with the defaults of
+    --stride (the patch size) filled in and --layer checked."""
+    if args.pretrained_weights:
+        model, _ = checkpoint.load_backbone(args.pretrained_weights, args.arch, args.patch_size, args.checkpoint_key)
+    else:
+        torch.manual_seed(0)
+        model = checkpoint.build_vit(args.arch or "vit_small", args.patch_size or 16)
+        print(f"no --pretrained_weights: a randomly initialized {args.arch or 'vit_small'}/{model.patch_size}")
+    args.stride = args.stride or model.patch_size
+    if model.patch_size % args.stride:
+        raise ConfigError(f"--stride {args.stride} does not divide the patch size {model.patch_size}")
+    if args.layer is not None and args.layer >= len(model.blocks):
+        raise ConfigError(f"--layer {args.layer}: the model has blocks 0..{len(model.blocks) - 1}")
+    return model.to(args.device).eval()
+
+
+def load_images(args, count):
+    """(list of uint8 (3, H, W) images, their names): --image_path, else `count` test images of --class_index in
+    --data_path; the short side resized to --load_size."""
+    if args.image_path:
+        images, names = [data.read_image(p) for p in args.image_path], [Path(p).stem for p in args.image_path]
+        size = args.load_size or 224
+    elif args.data_path:
+        test = data.build_datasets(args.data_path, args.data_root).knn_test
+        targets = getattr(test, "labels", getattr(test, "targets", None))  # TensorImages, torchvision datasets
+        targets = torch.as_tensor(targets if targets is not None else [int(test[i][1]) for i in range(len(test))])
+        index = torch.nonzero(targets == args.class_index).squeeze(1)[:count].tolist()
+        if not index:
+            raise ConfigError(f"no test image of class {args.class_index} in {args.data_path}")
+        images = [data.to_rgb(test[i][0]) for i in index]
+        names = [f"{Path(args.data_path).name}_class{args.class_index}_test{i}" for i in index]
+        size = args.load_size or (56 if args.data_path == "fashion_mnist" else 224)
+    else:
+        raise ConfigError("give images: --image_path a.jpg b.jpg ..., or --data_path fashion_mnist --class_index 0")
+    # NOTE: bilinear with antialiasing; the reference resizes with PIL's Lanczos.
+    return [TF.resize(im, size, antialias=True) for im in images], names
+
+
+def describe(model, image, args, layer, bin, saliency=True):
+    """(descriptors (N, D'), saliency (N,), grid) of one uint8 image (3, H, W)."""
+    x = data.normalize(image.to(args.device))[None]  # (1, 3, H, W)
+    desc, sal, grid = extract(model, x, layer, args.facet, args.stride, bin, saliency)
+    return desc[0], sal[0], grid
+
+
+def zoom(image, target=224):
+    """Tiny images (Fashion-MNIST) enlarged by an integer factor, nearest, to be seen: (image, factor)."""
+    k = max(1, target // min(image.shape[-2:]))
+    return image.repeat_interleave(k, -2).repeat_interleave(k, -1), k

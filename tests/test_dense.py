@@ -204,3 +204,68 @@ def test_patch_centres_and_pixel_maps():
     assert torch.equal(pixels, torch.arange(4).reshape(2, 2).repeat_interleave(4, 0).repeat_interleave(4, 1))
     pixels = dense.patches_to_pixels(torch.arange(9), (3, 3), (8, 8), 4, 2)  # centres at 2, 4, 6
     assert pixels[:, 0].tolist() == [0, 0, 0, 3, 3, 6, 6, 6]
+
+
+# --- the scripts, end to end on tiny images ------------------------------------------------------------
+@pytest.fixture
+def tiny_setup(tmp_path):
+    """A 2-block ViT checkpoint in our format, and 3 images: a bright square on black, at different places."""
+    from PIL import Image
+    model = tiny_vit(patch_size=4, depth=2)
+    ckpt = {"teacher": {f"backbone.{k}": v for k, v in model.state_dict().items()},
+            "args": {"arch": "vit_tiny", "patch_size": 4, "depth": 2}}
+    torch.save(ckpt, tmp_path / "ckpt.pth")
+    paths = []
+    for n, (y, x) in enumerate([(4, 4), (8, 12), (12, 6)]):
+        image = torch.zeros(3, 32, 32, dtype=torch.uint8)
+        image[:, y:y + 14, x:x + 14] = 200
+        image[0, y:y + 7, x:x + 14] = 50  # a two-coloured object
+        paths.append(str(tmp_path / f"img{n}.png"))
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(paths[-1])
+    return str(tmp_path / "ckpt.pth"), paths, tmp_path
+
+
+def test_cosegment_command_writes_its_pictures(tiny_setup):
+    import cosegment
+    ckpt, paths, tmp = tiny_setup
+    cosegment.main(["--pretrained_weights", ckpt, "--image_path", *paths, "--load_size", "32", "--stride", "2",
+                    "--num_parts", "2", "--sample_interval", "1", "--output_dir", str(tmp / "out")])
+    written = {p.name for p in (tmp / "out").iterdir()}
+    assert {"cosegmentation.png", "img0_mask.png", "img2_parts.png"} <= written
+
+
+def test_correspond_command_writes_its_picture_and_points(tiny_setup):
+    import correspond
+    ckpt, paths, tmp = tiny_setup
+    correspond.main(["--pretrained_weights", ckpt, "--image_path", paths[0], paths[1], "--load_size", "32",
+                     "--stride", "2", "--num_pairs", "3", "--output_dir", str(tmp / "out")])
+    assert (tmp / "out" / "correspondences.png").stat().st_size > 0
+    for line in (tmp / "out" / "correspondences.txt").read_text().splitlines():
+        assert all(0 <= int(v) < 32 for v in line.split())
+
+
+def test_bad_input_is_one_line(tiny_setup, capsys):
+    import correspond
+    import cosegment
+    from cli import ConfigError
+    ckpt, paths, tmp = tiny_setup
+    with pytest.raises(ConfigError, match="does not divide"):
+        cosegment.main(["--pretrained_weights", ckpt, "--image_path", *paths, "--stride", "3"])
+    with pytest.raises(ConfigError, match="blocks 0..1"):
+        correspond.main(["--pretrained_weights", ckpt, "--image_path", *paths[:2], "--layer", "5"])
+    with pytest.raises(SystemExit) as e:
+        correspond.main(["--image_path", str(tmp / "missing.png")])
+    assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+
+
+@pytest.mark.parametrize("warp_index", [0, 1, 2])
+def test_warp_maps_send_a_pixel_where_the_warp_puts_it(warp_index):
+    """The truth of the correspondence measurement: a bright pixel goes where the coordinate map says."""
+    import correspond
+    name, warp, to_warped = correspond.warps(56)[warp_index]
+    image = torch.zeros(1, 3, 56, 56, dtype=torch.uint8)
+    image[..., 20:22, 30:32] = 255  # a 2 x 2 dot centred at (20.5, 30.5)
+    warped = warp(image)[0, 0].float()
+    ys, xs = torch.meshgrid(torch.arange(56.0), torch.arange(56.0), indexing="ij")
+    centre = torch.stack([(warped * ys).sum(), (warped * xs).sum()]) / warped.sum()
+    assert torch.allclose(centre, to_warped(torch.tensor([[20.5, 30.5]]))[0].float(), atol=0.3), name
