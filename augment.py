@@ -126,7 +126,7 @@ def adjust_hue(x, hue):
 
 def gaussian_blur(x, sigma, sigma_max):
     """Per-sample Gaussian blur of x (B, C, S, S) with sigma (B,): separable, reflect padding, as torchvision.
-    Kernel size 2 * ceil(3 * sigma_max) + 1 (+-3 sigma), capped at the largest odd number < S."""
+    Kernel size 2 * ceil(3 * sigma_max) + 1 (+-3 sigma of the widest), capped at the largest odd number < S."""
     # NOTE: the official code uses PIL's GaussianBlur(radius=sigma), which approximates the Gaussian with
     # box blurs over the whole image; we use an exact Gaussian truncated at 3 * sigma_max.
     B, C, H, W = x.shape
@@ -142,11 +142,14 @@ def gaussian_blur(x, sigma, sigma_max):
     return x.view(B, C, H, W)
 
 
-def photometric(crops, params, mean=IMAGENET_MEAN, std=IMAGENET_STD, sigma_max=2.0):
+def photometric(crops, params, mean=IMAGENET_MEAN, std=IMAGENET_STD, sigma_max=None):
     """Apply drawn params: crops uint8 (B, 3, S, S), params (B, P) -> normalized float32 (B, 3, S, S).
-    sigma_max sets the blur kernel size (see gaussian_blur): pass max(blur_sigma) when it is not 2."""
+    sigma_max sets the blur kernel's size (see gaussian_blur); default: the largest sigma drawn for a blurred
+    crop, read from params (pass it when params are on a GPU, to spare a device-to-host copy)."""
     # NOTE: the official code applies jitter, grayscale and blur with PIL on uint8 images in the workers,
     # rounding after every op; we apply them in float32 on the device, batched, after crop/resize/flip.
+    if sigma_max is None:
+        sigma_max = largest_blur_sigma(params)
     x = crops.float() / 255  # (B, 3, S, S) in [0, 1]
     p = params.float()[:, :, None, None, None].unbind(1)  # P tensors (B, 1, 1, 1)
     brightness, contrast, saturation, hue, grayscale, blur, sigma, solarize = p
@@ -157,22 +160,39 @@ def photometric(crops, params, mean=IMAGENET_MEAN, std=IMAGENET_STD, sigma_max=2
     x = _blend(x, _gray(x), saturation)
     x = adjust_hue(x, hue)
     x = torch.where(grayscale > 0, _gray(x).expand_as(x), x)
-    x = torch.where(blur > 0, gaussian_blur(x, sigma.view(-1), sigma_max), x)
+    if sigma_max > 0:  # some crop of the batch is blurred
+        x = torch.where(blur > 0, gaussian_blur(x, sigma.view(-1), sigma_max), x)
     x = torch.where((solarize > 0) & (x >= 0.5), 1 - x, x)  # solarize: threshold 0.5 (128 of 255)
-    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (mean, std))  # (1, 3, 1, 1)
-    return (x - mean) / std
+    return F.normalize(x, mean, std)
+
+
+def largest_blur_sigma(params):
+    """The largest sigma drawn for a crop whose blur flag is set, 0 when none is: params (..., P)."""
+    blur, sigma = params[..., PARAM_COLUMNS.index("blur")], params[..., PARAM_COLUMNS.index("sigma")]
+    return float((sigma * (blur > 0)).max()) if params.numel() else 0.0
+
+
+def photometric_views(crops, params, device, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """A DataLoader batch to the model's views: crops V x uint8 (B, 3, S_v, S_v), params (B, V, P) ->
+    V normalized float (B, 3, S_v, S_v) on `device`, the photometric ops run once per crop size."""
+    views = []
+    for _, group in itertools.groupby(range(len(crops)), key=lambda v: crops[v].shape):  # consecutive same size
+        group = list(group)
+        x = torch.cat([crops[v] for v in group]).to(device, non_blocking=True)  # (B * n, 3, S, S)
+        p = params[:, group].transpose(0, 1).flatten(0, 1)  # (B * n, P), crop-major as x
+        sigma_max = largest_blur_sigma(p)  # on the CPU: no wait for the device
+        views += photometric(x, p.to(device, non_blocking=True), mean, std, sigma_max).chunk(len(group))
+    return views
 
 
 class MultiCropDataset(torch.utils.data.Dataset):
-    """Wraps a dataset of (image, label); item (epoch, index) -> (crops, params, label), reproducibly.
+    """Wraps a dataset of (image, label); item (epoch, index) -> (crops, params, label, error), reproducibly.
 
-    With skip_unreadable=True, an image whose loading raises OSError (an empty, truncated or corrupt file) is
-    replaced by the next readable one, cropped with the draws of (epoch, index), and items get a 4th element:
-    the error message naming the file ("" when the image was read). Batches keep their size, runs stay
-    reproducible, and the training loop counts and reports the messages."""
-    def __init__(self, dataset, transform, seed=0, skip_unreadable=False):
+    An image whose loading raises OSError (an empty, truncated or corrupt file) is replaced by the next readable
+    one, cropped with the draws of (epoch, index); `error` is the message naming the file, "" when the image was
+    read. Batches keep their size, runs stay reproducible, and the training loop counts and reports the messages."""
+    def __init__(self, dataset, transform, seed=0):
         self.dataset, self.transform, self.seed = dataset, transform, seed
-        self.skip_unreadable = skip_unreadable
 
     def __len__(self):
         return len(self.dataset)
@@ -184,13 +204,11 @@ class MultiCropDataset(torch.utils.data.Dataset):
         seed = np.random.SeedSequence([self.seed, int(epoch), int(index)]).generate_state(1)[0]
         image, label, error = self.load(index)
         crops, params = self.transform(image, torch.Generator().manual_seed(int(seed)))
-        return (crops, params, label, error) if self.skip_unreadable else (crops, params, label)
+        return crops, params, label, error
 
     def load(self, index):
         """(image, label, "") or, when `index` cannot be read, the next readable index's image and label, and the
         error message."""
-        if not self.skip_unreadable:
-            return *self.dataset[index], ""
         # NOTE: the official code (torchvision's ImageFolder with PIL) stops at the first unreadable image.
         error = ""
         for k in range(len(self.dataset)):

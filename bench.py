@@ -10,7 +10,6 @@ train.main itself; the models, loss and optimizer are built exactly as train.mai
     python bench.py --device cpu --arch vit_tiny --depth 1 --patch_size 8 --global_crop_size 32 \
         --local_crop_size 16 --batch_size 8 --out_dim 256 --num_images 20 --unique_jpegs 20 --num_workers 1
 """
-import argparse
 import contextlib
 import gc
 import json
@@ -25,11 +24,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as nnf
 import torchvision
+from PIL import Image
 
+import cli
+import data
 import train
-from augment import IMAGENET_MEAN, IMAGENET_STD, DataAugmentationDINO, EpochSampler, MultiCropDataset
-from head import DINOHead, MultiCropWrapper
-from loss import DINOLoss
+from augment import DataAugmentationDINO, EpochSampler, MultiCropDataset, photometric_views
 
 # The official code (facebookresearch/dino) measured on one H100 with 16 CPU cores, torch 2.11, from
 # ../shared/facts/official_dino.md ("Measured here on one H100"): (what, images/s, peak memory, conditions).
@@ -42,34 +42,39 @@ OFFICIAL = [
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("DINO benchmark", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.ArgumentParser(description="DINO benchmark")
     parts = ["step", "pipeline", "loop"]
     p.add_argument("--parts", nargs="+", default=parts, choices=parts, help="step: train_one_epoch on random "
                    "crops; pipeline: the DataLoader over JPEGs, then the photometric ops; loop: train.main")
     p.add_argument("--official_reference", action="store_true", help="also print the official code's figures")
     # Model and step, as in train.py
-    p.add_argument("--arch", default="vit_small", choices=["vit_tiny", "vit_small", "vit_base"])
-    p.add_argument("--patch_size", type=int, default=16)
-    p.add_argument("--depth", type=int, default=None, help="number of blocks; None: the arch's 12")
-    p.add_argument("--out_dim", type=int, default=65536)
-    p.add_argument("--global_crop_size", type=int, default=224)
-    p.add_argument("--local_crop_size", type=int, default=96)
-    p.add_argument("--local_crops_number", type=int, default=10, help="10 as the official figures (train.py: 8)")
-    p.add_argument("--batch_size", type=int, default=64, help="images per step (train.py's --batch_size_per_gpu)")
+    p.add_argument("--arch", default="vit_small", choices=train.checkpoint.ARCHS)
+    p.add_argument("--patch_size", type=cli.positive_int, default=16)
+    p.add_argument("--depth", type=cli.positive_int, default=None, help="number of blocks; None: the arch's 12")
+    p.add_argument("--out_dim", type=cli.positive_int, default=65536)
+    p.add_argument("--global_crop_size", type=cli.positive_int, default=224)
+    p.add_argument("--local_crop_size", type=cli.positive_int, default=96)
+    p.add_argument("--local_crops_number", type=cli.nonneg_int, default=10,
+                   help="10 as the official figures (train.py: 8)")
+    p.add_argument("--batch_size", type=cli.positive_int, default=64,
+                   help="images per step (train.py's --batch_size_per_gpu)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="as train.py")
     p.add_argument("--compile", default="off", choices=["off", "on", "both"], help="torch.compile the backbones")
     p.add_argument("--device", default=None, help="cuda or cpu; None: cuda when available")
     # Data
     p.add_argument("--data_dir", default=None, help="an ImageFolder; synthetic JPEGs are written there when it "
                    "holds no images; None: a temporary folder, removed at the end")
-    p.add_argument("--num_images", type=int, default=16384, help="images in the synthetic folder, hard links to "
+    p.add_argument("--num_images", type=cli.positive_int, default=16384, help="images in the synthetic folder, "
+                   "hard links to "
                    "--unique_jpegs files: an epoch lasts long enough for the workers' start not to count much")
-    p.add_argument("--unique_jpegs", type=int, default=512, help="distinct synthetic 500x375 JPEGs")
-    p.add_argument("--num_workers", type=int, nargs="+", default=[min(16, os.cpu_count())], help="one or several")
+    p.add_argument("--unique_jpegs", type=cli.positive_int, default=512, help="distinct synthetic 500x375 JPEGs")
+    p.add_argument("--num_workers", type=cli.nonneg_int, nargs="+", default=[min(16, os.cpu_count())],
+                   help="one or several")
     # Measurement
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps (or batches) before timing")
-    p.add_argument("--iters", type=int, default=20, help="steps (or batches) per timed window")
-    p.add_argument("--repeats", type=int, default=5, help="timed windows (loop: epochs after the first); median")
+    p.add_argument("--warmup", type=cli.nonneg_int, default=5, help="untimed steps (or batches) before timing")
+    p.add_argument("--iters", type=cli.positive_int, default=20, help="steps (or batches) per timed window")
+    p.add_argument("--repeats", type=cli.positive_int, default=5,
+                   help="timed windows (loop: epochs after the first); median")
     return p
 
 
@@ -89,7 +94,7 @@ def write_jpegs(folder, num_images, unique, height=375, width=500):
                  for s, w in ((32, 0.4), (4, 0.3), (1, 0.3))]  # (cell size in pixels, weight)
         img = sum(w * nnf.interpolate(x, size=(height, width), mode="bilinear") for x, w in noise)  # (1, 3, H, W)
         img = (img[0].clamp(0, 1) * 255).to(torch.uint8)  # (3, H, W)
-        torchvision.io.write_file(str(path), torchvision.io.encode_jpeg(img, quality=90))
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(path, quality=90)  # (H, W, 3)
 
 
 # --- the step, built as train.main builds it ---------------------------------------------------------------
@@ -101,25 +106,6 @@ def train_args(args, data_dir, compile_):
             "--freeze_last_layer", "0", "--knn_every", "0", "--saveckp_freq", "0"]  # the steady-state step
     argv += (["--depth", str(args.depth)] if args.depth else []) + (["--compile"] if compile_ else [])
     return argv + (["--device", args.device] if args.device else [])
-
-
-def build_training(targs, device):
-    """Student, teacher, loss and optimizer: train.main's sections 'student and teacher' and 'optimizer'."""
-    width = train.vit_width(targs.arch)
-    student = MultiCropWrapper(train.build_vit(targs.arch, targs.patch_size, targs.depth, targs.drop_path_rate),
-                               DINOHead(width, targs.out_dim, targs.use_bn_in_head, targs.norm_last_layer))
-    teacher = MultiCropWrapper(train.build_vit(targs.arch, targs.patch_size, targs.depth),
-                               DINOHead(width, targs.out_dim, targs.use_bn_in_head))
-    student, teacher = student.to(device), teacher.to(device)
-    teacher.load_state_dict(student.state_dict())
-    teacher.requires_grad_(False)
-    if targs.compile:
-        student.backbone.compile()
-        teacher.backbone.compile()
-    dino_loss = DINOLoss(targs.out_dim, targs.local_crops_number + 2, targs.warmup_teacher_temp, targs.teacher_temp,
-                         targs.warmup_teacher_temp_epochs, targs.epochs).to(device)
-    fused = {"fused": True} if device.type == "cuda" else {}
-    return student, teacher, dino_loss, torch.optim.AdamW(train.param_groups(student), **fused)
 
 
 # --- measurement -----------------------------------------------------------------------------------------
@@ -154,22 +140,14 @@ def peak_memory(device):
 def bench_step(args, targs, device):
     """train.train_one_epoch over one batch of random uint8 crops already on the device, seen again and again."""
     reset_peak_memory(device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[targs.precision]
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)  # as train.main
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    student, teacher, dino_loss, optimizer = build_training(targs, device)
+    n = max(args.warmup, args.iters)
+    t = train.build_training(targs, device, niter=n)  # as train.main builds it, with one epoch of n steps
     sizes = [args.global_crop_size] * 2 + [args.local_crop_size] * args.local_crops_number
     crops = [torch.randint(0, 256, (args.batch_size, 3, s, s), dtype=torch.uint8, device=device) for s in sizes]
     draws = DataAugmentationDINO(local_crops_number=args.local_crops_number)
     params = torch.stack([draws.draw_params() for _ in range(args.batch_size)])  # (B, V, P) real photometric draws
-    batch = (crops, params, torch.zeros(args.batch_size, dtype=torch.long))
-    n = max(args.warmup, args.iters)
-    schedules = (train.cosine_scheduler(targs.lr * args.batch_size / 256, targs.min_lr, 1, n),
-                 train.cosine_scheduler(targs.weight_decay, targs.weight_decay_end, 1, n),
-                 train.cosine_scheduler(targs.momentum_teacher, 1.0, 1, n))
-    run = dict(args=targs, device=device, autocast=autocast, scaler=scaler, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-               main=False)  # main=False: no progress bar
-    steps = lambda k: train.train_one_epoch(student, teacher, dino_loss, [batch] * k, optimizer, 0, schedules, run)
+    batch = (crops, params, torch.zeros(args.batch_size, dtype=torch.long), [""] * args.batch_size)
+    steps = lambda k: train.train_one_epoch(t, [batch] * k, 0)
     if args.warmup:
         steps(args.warmup)
     seconds = median_seconds(lambda: steps(args.iters), device, args.repeats)
@@ -178,10 +156,10 @@ def bench_step(args, targs, device):
 
 def bench_pipeline(args, targs, data_dir, workers, device):
     """Images/s of train.main's DataLoader (decode + multi-crop in the workers), then of the photometric half on the
-    device over one of its batches (train.to_device_views: host-to-device copy and batched photometric ops)."""
+    device over one of its batches (augment.photometric_views: host-to-device copy and batched photometric ops)."""
     transform = DataAugmentationDINO(targs.global_crops_scale, targs.local_crops_scale, targs.local_crops_number,
                                      targs.global_crop_size, targs.local_crop_size)
-    dataset = MultiCropDataset(train.image_folder(data_dir), transform, targs.seed)
+    dataset = MultiCropDataset(data.image_folder(data_dir), transform, targs.seed)
     # Workers deliver batches in rounds of `workers` (each builds a whole batch): warm up for at least one round
     # and time whole rounds. Sampling with replacement gives one endless epoch, so there is no epoch boundary.
     rounds = max(workers, 1)
@@ -194,7 +172,7 @@ def bench_pipeline(args, targs, data_dir, workers, device):
                                          prefetch_factor=4 if workers > 0 else None)
     batches = iter(loader)
     for _ in range(warm):
-        crops, params, _ = next(batches)
+        crops, params, _, _ = next(batches)
 
     def next_window():
         for _ in range(window):
@@ -202,7 +180,7 @@ def bench_pipeline(args, targs, data_dir, workers, device):
     loader_speed = window * args.batch_size / median_seconds(next_window, torch.device("cpu"), args.repeats)
     del batches  # stops the workers
 
-    photometric = lambda: train.to_device_views(crops, params, device, IMAGENET_MEAN, IMAGENET_STD)
+    photometric = lambda: photometric_views(crops, params, device)
     for _ in range(max(args.warmup, 1)):
         photometric()
     photometric_speed = args.batch_size / median_seconds(photometric, device, args.repeats)
@@ -233,9 +211,7 @@ def print_table(rows, device):
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.precision == "auto":  # as train.main
-        bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        args.precision = "bf16" if bf16_ok else "fp16" if device.type == "cuda" else "fp32"
+    train.setup_precision(args, device)  # resolves --precision auto as train.main does
     arch = f"{args.arch}/{args.patch_size}" + (f" depth {args.depth}" if args.depth else "")
     crops = f"2x{args.global_crop_size} + {args.local_crops_number}x{args.local_crop_size}"
     model = f"{arch}, {crops}, out_dim {args.out_dim}, batch {args.batch_size}, {args.precision}, compile"
@@ -268,4 +244,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    train.run_cli(main)
+    cli.run_cli(main)

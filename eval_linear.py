@@ -14,17 +14,15 @@ evaluation view once and trains on them without augmentation: the same probe in 
 
 Shape letters: B images, N patches, D backbone width, F = D * (n_last_blocks + avgpool) feature width, C classes.
 """
-import argparse
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-import train
-from augment import IMAGENET_MEAN, IMAGENET_STD
-from eval_knn import extract_features
+import checkpoint
+import cli
+import data
 
 PRECOMPUTED_BY_DEFAULT = ("fashion_mnist", "cifar10", "cifar100")
 
@@ -35,7 +33,7 @@ class ProbeFeatures(nn.Module):
     def __init__(self, backbone, n_last_blocks=4, avgpool_patchtokens=False):
         super().__init__()
         if not 1 <= n_last_blocks <= len(backbone.blocks):
-            raise train.ConfigError(f"--n_last_blocks {n_last_blocks}: the backbone has {len(backbone.blocks)} blocks")
+            raise cli.ConfigError(f"--n_last_blocks {n_last_blocks}: the backbone has {len(backbone.blocks)} blocks")
         self.backbone, self.n_last_blocks, self.avgpool_patchtokens = backbone, n_last_blocks, avgpool_patchtokens
         self.dim = backbone.embed_dim * (n_last_blocks + int(avgpool_patchtokens))
 
@@ -67,9 +65,7 @@ class Augmented(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         image, label = self.dataset[i]
-        image = v2.functional.to_image(image)  # PIL or tensor -> uint8 (C, H, W)
-        image = image.expand(3, -1, -1) if image.shape[0] == 1 else image[:3]
-        return self.transform(image).contiguous(), label
+        return self.transform(data.to_rgb(image)).contiguous(), label
 
 
 def accuracy(classifier, feats, labels):
@@ -83,8 +79,8 @@ def accuracy(classifier, feats, labels):
 def linear_probe(features, train_set, test_set, num_classes, size, device, epochs=100, lr=0.001, batch_size=1024,
                  precomputed=True, num_workers=0):
     """Trains a linear classifier on `features` (a ProbeFeatures) of train_set; returns its (top-1, top-5) on
-    test_set. Test features are always those of the deterministic evaluation view (eval_knn.EvalTransform)."""
-    extract = lambda ds, desc: extract_features(features, ds, size, device, batch_size, num_workers, desc=desc)
+    test_set. Test features are always those of the deterministic evaluation view (data.EvalTransform)."""
+    extract = lambda ds, desc: data.extract_features(features, ds, size, device, batch_size, num_workers, desc=desc)
     test_feats, test_labels = extract(test_set, "test features")
     if precomputed:
         train_feats, train_labels = extract(train_set, "train features")
@@ -95,14 +91,11 @@ def linear_probe(features, train_set, test_set, num_classes, size, device, epoch
     else:
         loader = torch.utils.data.DataLoader(Augmented(train_set, size), batch_size, shuffle=True,
                                              num_workers=num_workers, pin_memory=device.type == "cuda")
-        mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
 
         def batches(epoch):
             for images, labels in tqdm(loader, desc=f"epoch {epoch}", leave=False):
-                images = (images.to(device, non_blocking=True).float() / 255 - mean) / std
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    feats = features(images).float()
+                    feats = features(data.normalize(images.to(device, non_blocking=True))).float()
                 yield feats, labels.to(device)
 
     classifier = linear_layer(features.dim, num_classes).to(device)
@@ -122,29 +115,29 @@ def linear_probe(features, train_set, test_set, num_classes, size, device, epoch
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("Linear probe on frozen DINO features (paper Sec. 4.1)",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--pretrained_weights", default="output/checkpoint.pth",
+    p = cli.ArgumentParser(description="Linear probe on frozen DINO features (paper Sec. 4.1)")
+    p.add_argument("--pretrained_weights", type=cli.existing_file, default="output/checkpoint.pth",
                    help="our checkpoint, an official backbone file or an official *_full_checkpoint.pth")
     p.add_argument("--checkpoint_key", default="teacher", choices=["teacher", "student"])
-    p.add_argument("--arch", default=None, choices=["vit_tiny", "vit_small", "vit_base"],
+    p.add_argument("--arch", default=None, choices=checkpoint.ARCHS,
                    help="default: the checkpoint's, else vit_small")
-    p.add_argument("--patch_size", type=int, default=None, help="default: the checkpoint's, else 16")
-    p.add_argument("--n_last_blocks", type=int, default=4,
+    p.add_argument("--patch_size", type=cli.positive_int, default=None, help="default: the checkpoint's, else 16")
+    p.add_argument("--n_last_blocks", type=cli.positive_int, default=4,
                    help="concatenate the CLS tokens of the last n blocks (paper: 4 for ViT-S, 1 for ViT-B)")
-    p.add_argument("--avgpool_patchtokens", type=train.bool_flag, default=False,
+    p.add_argument("--avgpool_patchtokens", type=cli.bool_flag, default=False,
                    help="also the average of the last block's patch tokens (paper: false for ViT-S, true for ViT-B)")
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--lr", type=float, default=0.001, help="for a batch of 256, scaled linearly with --batch_size")
-    p.add_argument("--batch_size", type=int, default=1024, help="official: 128 per GPU on 8 GPUs")
-    p.add_argument("--precomputed_features", type=train.bool_flag, default=None, help="features computed once, no "
+    p.add_argument("--epochs", type=cli.positive_int, default=100)
+    p.add_argument("--lr", type=cli.positive_float, default=0.001,
+                   help="for a batch of 256, scaled linearly with --batch_size")
+    p.add_argument("--batch_size", type=cli.positive_int, default=1024, help="official: 128 per GPU on 8 GPUs")
+    p.add_argument("--precomputed_features", type=cli.bool_flag, default=None, help="features computed once, no "
                    "augmentation (default: true for fashion_mnist, cifar10, cifar100, else false)")
     p.add_argument("--data_path", default="fashion_mnist", help="dataset name or ImageFolder path (train/, val/)")
     p.add_argument("--data_root", default="data")
-    p.add_argument("--image_size", type=int, default=None,
+    p.add_argument("--image_size", type=cli.positive_int, default=None,
                    help="crop size (default: the checkpoint's global crop size, else the dataset's)")
-    p.add_argument("--subset", type=int, default=0, help="use only the first N images of each split")
-    p.add_argument("--num_workers", type=int, default=4)
+    p.add_argument("--subset", type=cli.nonneg_int, default=0, help="use only the first N images of each split")
+    p.add_argument("--num_workers", type=cli.nonneg_int, default=4)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 
@@ -152,26 +145,26 @@ def get_args_parser():
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     device = torch.device(args.device)
-    backbone, saved = train.load_backbone(args.pretrained_weights, args.arch, args.patch_size, args.checkpoint_key)
+    backbone, saved = checkpoint.load_backbone(args.pretrained_weights, args.arch, args.patch_size,
+                                               args.checkpoint_key)
     features = ProbeFeatures(backbone.to(device).eval(), args.n_last_blocks, args.avgpool_patchtokens)
-    data = train.build_datasets(args.data_path, args.data_root)
-    if data.knn_test is None:
-        raise train.ConfigError(f"{args.data_path} has no labelled test split: the probe needs train/ and val/")
-    train_set, test_set = data.knn_train, data.knn_test
-    if args.subset:
-        cut = lambda ds: torch.utils.data.Subset(ds, range(min(args.subset, len(ds))))
-        train_set, test_set = cut(train_set), cut(test_set)
+    datasets = data.build_datasets(args.data_path, args.data_root, args.subset)
+    if datasets.knn_test is None:
+        raise cli.ConfigError(f"{args.data_path} has no labelled test split: the probe needs train/ and val/")
+    train_set, test_set = datasets.knn_train, datasets.knn_test
     precomputed = args.precomputed_features
     if precomputed is None:
         precomputed = args.data_path in PRECOMPUTED_BY_DEFAULT
-    size = args.image_size or saved.get("global_crop_size") or data.image_size
+    size = args.image_size or saved.get("global_crop_size") or datasets.image_size
+    if size % backbone.patch_size:
+        raise cli.ConfigError(f"--image_size {size} is not a multiple of the patch size {backbone.patch_size}")
     print(f"linear probe on {features.dim}-d features ({args.n_last_blocks} CLS tokens"
           f"{' + pooled patches' if args.avgpool_patchtokens else ''}) of {len(train_set)} {args.data_path} images, "
           f"{'precomputed features' if precomputed else 'RandomResizedCrop + flip'}, {args.epochs} epochs")
-    top1, top5 = linear_probe(features, train_set, test_set, data.num_classes, size, device, args.epochs, args.lr,
+    top1, top5 = linear_probe(features, train_set, test_set, datasets.num_classes, size, device, args.epochs, args.lr,
                               args.batch_size, precomputed, args.num_workers)
     print(f"Linear probe on {len(test_set)} test images: top-1 = {top1:.2f}, top-5 = {top5:.2f}")
 
 
 if __name__ == "__main__":
-    train.run_cli(main)
+    cli.run_cli(main)

@@ -6,6 +6,7 @@ fixed at 1, which the paper found to stabilize training.
 
 Shape letters: B images, V crops, D backbone width, K out_dim.
 """
+import itertools
 import math
 
 import torch
@@ -71,11 +72,6 @@ class MultiCropWrapper(nn.Module):
     def forward(self, crops):
         if torch.is_tensor(crops):
             crops = [crops]
-        feats, start = [], 0
-        while start < len(crops):
-            end = start
-            while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
-                end += 1
-            feats.append(self.backbone(torch.cat(crops[start:end])))  # (B * (end - start), D)
-            start = end
+        feats = [self.backbone(torch.cat(list(same_size)))  # (B * n, D) for n consecutive crops of one size
+                 for _, same_size in itertools.groupby(crops, key=lambda crop: crop.shape[-2:])]
         return self.head(torch.cat(feats))  # (B * V, K)

@@ -7,6 +7,8 @@
 
 Shape letters: B images, V crops (ncrops), K out_dim.
 """
+import math
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -59,3 +61,13 @@ class DINOLoss(nn.Module):
             world_size = dist.get_world_size()
         batch_center = batch_sum / (len(teacher_out) * world_size)
         self.center.mul_(self.center_momentum).add_(batch_center * (1 - self.center_momentum))
+
+
+def collapse_warning(loss, teacher_entropy, out_dim):
+    """Paper Sec. 5.3: collapse shows as a teacher entropy of 0 (one dimension dominates) or as a loss stuck at
+    ln K with KL(teacher || student) = loss - entropy near 0 (uniform output). A message, or None."""
+    if teacher_entropy < 0.05:
+        return "teacher output entropy is ~0: collapse to one dimension (check the centering)"
+    if abs(loss - math.log(out_dim)) < 0.01 * math.log(out_dim) and loss - teacher_entropy < 0.01:
+        return f"loss sits at ln(out_dim) = {math.log(out_dim):.2f}: uniform collapse (lower the teacher temperature)"
+    return None

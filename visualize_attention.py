@@ -18,7 +18,6 @@ CLS attention that falls on the garment, for the model and for the same architec
 
 Shape letters: B images, H heads, h x w patch grid, p patch size, S image side.
 """
-import argparse
 from pathlib import Path
 
 import torch
@@ -26,9 +25,10 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.transforms.v2 import functional as TF
 
-import train
+import checkpoint
+import cli
+import data
 import vit
-from augment import IMAGENET_MEAN, IMAGENET_STD
 
 SAMPLE_PHOTOS = sorted((Path(__file__).resolve().parent / "assets").glob("*.jpg"))  # see assets/README.md
 # viridis at 0, 1/4, 1/2, 3/4, 1 (dark purple, blue, teal, green, yellow); heat maps interpolate linearly
@@ -83,31 +83,20 @@ def overlay(image, mask, alpha=0.5):
     return (image.float() * (1 - m) + color * m).round().to(torch.uint8)
 
 
-def to_rgb(image):
-    image = TF.to_image(image)  # PIL or tensor -> uint8 (C, S, S')
-    return image.expand(3, -1, -1) if image.shape[0] == 1 else image[:3]
-
-
-def normalize(images, device):
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(3, 1, 1)
-    return (images.to(device).float() / 255 - mean) / std
-
-
 def load_photo(path, image_size, patch_size):
     """uint8 (3, S, S'): short side resized to image_size, center-cropped to multiples of the patch size.
 
     NOTE: the official script squashes every image to 480 x 480 and crops at the top left; this keeps the
     aspect ratio.
     """
-    image = TF.resize(train.read_image(str(path)), image_size, antialias=True)
+    image = TF.resize(data.read_image(str(path)), image_size, antialias=True)
     return TF.center_crop(image, [s // patch_size * patch_size for s in image.shape[-2:]])
 
 
 def write_visualization(model, image, out_dir, threshold):
     """Writes the PNGs listed at the top for one uint8 (3, S, S') image; returns their paths."""
     device, p = next(model.parameters()).device, model.patch_size
-    maps = attention_maps(model, normalize(image, device)).cpu()  # (H, h, w)
+    maps = attention_maps(model, data.normalize(image.to(device))).cpu()  # (H, h, w)
     maps = torch.cat([maps, maps.mean(dim=0, keepdim=True)])  # (H+1, h, w): the heads, then their mean
     names = [f"head{j}" for j in range(len(maps) - 1)] + ["mean"]
     up = lambda x: x.repeat_interleave(p, dim=-2).repeat_interleave(p, dim=-1)  # a patch -> p x p pixels
@@ -137,7 +126,7 @@ def foreground_share(model, images, min_mean=FOREGROUND_MIN_MEAN, batch_size=256
     attention would get: the chance level. A patch is foreground when its mean pixel value > min_mean * 255."""
     device, shares, fractions = next(model.parameters()).device, [], []
     for batch in images.split(batch_size):
-        attn = attention_maps(model, normalize(batch, device)).mean(dim=1)  # (b, h, w): mean over heads
+        attn = attention_maps(model, data.normalize(batch.to(device))).mean(dim=1)  # (b, h, w): mean over heads
         patch_mean = F.avg_pool2d(batch.to(device).float().mean(1, keepdim=True), model.patch_size)[:, 0]  # (b, h, w)
         foreground = patch_mean > min_mean * 255
         shares.append((attn * foreground).sum(dim=(-2, -1)))
@@ -148,32 +137,33 @@ def foreground_share(model, images, min_mean=FOREGROUND_MIN_MEAN, batch_size=256
 def dataset_images(data_path, data_root, n, image_size, patch_size):
     """The first n test images of a dataset, uint8 (n, 3, S, S), resized to S x S with S = image_size (default:
     the dataset's) rounded down to a multiple of the patch size, and their names."""
-    data = train.build_datasets(data_path, data_root)
-    test = data.knn_test if data.knn_test is not None else data.train
-    size = (image_size or data.image_size) // patch_size * patch_size
-    images = [TF.resize(to_rgb(test[i][0]), [size, size], antialias=True) for i in range(min(n, len(test)))]
+    datasets = data.build_datasets(data_path, data_root)
+    test = datasets.knn_test if datasets.knn_test is not None else datasets.train
+    size = (image_size or datasets.image_size) // patch_size * patch_size
+    images = [TF.resize(data.to_rgb(test[i][0]), [size, size], antialias=True) for i in range(min(n, len(test)))]
     images = torch.stack(images)
     return images, [f"{Path(data_path).name}_test{i}" for i in range(len(images))]
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("Visualize the last block's CLS self-attention (paper Fig. 1, 3)",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--pretrained_weights", default="", help="our checkpoint, an official backbone file or an "
-                   "official full checkpoint; none: a randomly initialized model")
+    p = cli.ArgumentParser(description="Visualize the last block's CLS self-attention (paper Fig. 1, 3)")
+    p.add_argument("--pretrained_weights", type=lambda s: s and cli.existing_file(s), default="", help="our "
+                   "checkpoint, an official backbone file or an official full checkpoint; none: a random init")
     p.add_argument("--checkpoint_key", default="teacher", choices=["teacher", "student"])
-    p.add_argument("--arch", default=None, choices=["vit_tiny", "vit_small", "vit_base"],
+    p.add_argument("--arch", default=None, choices=checkpoint.ARCHS,
                    help="default: the checkpoint's, else vit_small")
-    p.add_argument("--patch_size", type=int, default=None, help="default: the checkpoint's, else 16 (official: 8)")
-    p.add_argument("--image_path", nargs="*", default=None, help="image files (default: the photos in assets/, or "
-                   "the test images of the dataset the checkpoint was trained on, see --data_path)")
+    p.add_argument("--patch_size", type=cli.positive_int, default=None,
+                   help="default: the checkpoint's, else 16 (official: 8)")
+    p.add_argument("--image_path", type=cli.existing_file, nargs="*", default=None, help="image files (default: the "
+                   "photos in assets/, or the test images of the dataset the checkpoint was trained on, see --data_path)")
     p.add_argument("--data_path", default=None, help="use the first --num_images test images of this dataset "
                    "(default: the checkpoint's dataset when it is a named one such as fashion_mnist)")
     p.add_argument("--data_root", default="data")
-    p.add_argument("--num_images", type=int, default=None, help="dataset images: 4 to show, 1000 to measure")
-    p.add_argument("--image_size", type=int, default=None,
+    p.add_argument("--num_images", type=cli.positive_int, default=None,
+                   help="dataset images: 4 to show, 1000 to measure")
+    p.add_argument("--image_size", type=cli.positive_int, default=None,
                    help="short side of the input (default: 480 for photos, the checkpoint's crop size for datasets)")
-    p.add_argument("--threshold", type=float, default=0.6,
+    p.add_argument("--threshold", type=cli.unit_float, default=0.6,
                    help="share of the attention mass the masks keep (paper Fig. 4: 0.6; official default: no masks)")
     p.add_argument("--output_dir", default="attention")
     p.add_argument("--foreground_share", action="store_true", help="measure instead the share of attention on "
@@ -186,9 +176,10 @@ def main(argv=None):
     args = get_args_parser().parse_args(argv)
     device = torch.device(args.device)
     if args.pretrained_weights:
-        model, saved = train.load_backbone(args.pretrained_weights, args.arch, args.patch_size, args.checkpoint_key)
+        model, saved = checkpoint.load_backbone(args.pretrained_weights, args.arch, args.patch_size,
+                                                 args.checkpoint_key)
     else:
-        model, saved = train.build_vit(args.arch or "vit_small", args.patch_size or 16), {}
+        model, saved = checkpoint.build_vit(args.arch or "vit_small", args.patch_size or 16), {}
         print(f"no --pretrained_weights: a randomly initialized {args.arch or 'vit_small'}/{model.patch_size}, "
               f"whose attention shows nothing learned")
     model = model.to(device).eval()
@@ -206,7 +197,7 @@ def main(argv=None):
               f"the share of uniform attention)")
         return
 
-    data_path = args.data_path or (saved.get("data_path") if saved.get("data_path") in train.PRESETS else None)
+    data_path = args.data_path or (saved.get("data_path") if saved.get("data_path") in data.DATASET_NAMES else None)
     if args.image_path is None and data_path:
         size = args.image_size or saved.get("global_crop_size")
         images, names = dataset_images(data_path, args.data_root, args.num_images or 4, size, model.patch_size)
@@ -220,4 +211,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    train.run_cli(main)
+    cli.run_cli(main)

@@ -9,6 +9,7 @@ import torch
 import torchvision.transforms as T
 import torchvision.transforms.v2.functional as TF
 
+import augment
 from augment import (PARAM_COLUMNS, DataAugmentationDINO, EpochSampler, MultiCropDataset, photometric,
                      random_resized_crop_box)
 
@@ -52,8 +53,8 @@ def test_same_generator_seed_gives_same_crops():
 def test_dataset_item_is_a_function_of_seed_epoch_and_index():
     data = [(random_pil(seed=i), i) for i in range(4)]
     ds = MultiCropDataset(data, small_aug(), seed=0)
-    crops, params, label = ds[(2, 3)]
-    again, params_again, _ = ds[(2, 3)]
+    crops, params, label, error = ds[(2, 3)]
+    again, params_again, _, _ = ds[(2, 3)]
     assert label == 3 and torch.equal(params, params_again)
     assert all(torch.equal(a, b) for a, b in zip(crops, again))
     assert all(torch.equal(a, b) for a, b in zip(ds[3][0], ds[(0, 3)][0]))  # a plain index is epoch 0
@@ -73,7 +74,7 @@ def test_epoch_sampler_yields_epoch_index_pairs_and_forwards_set_epoch():
     assert sorted(i for _, i in second) == list(range(10)) and [i for _, i in first] != [i for _, i in second]
     # Through a DataLoader: crops collate to V batches (B, 3, S, S) and params to (B, V, P).
     ds = MultiCropDataset([(random_pil(seed=i), i) for i in range(10)], small_aug())
-    crops, params, labels = next(iter(torch.utils.data.DataLoader(ds, batch_size=4, sampler=sampler)))
+    crops, params, labels, errors = next(iter(torch.utils.data.DataLoader(ds, batch_size=4, sampler=sampler)))
     assert len(crops) == 5 and crops[0].shape == (4, 3, 32, 32) and params.shape == (4, 5, len(PARAM_COLUMNS))
     assert photometric(crops[2], params[:, 2]).shape == (4, 3, 16, 16)
 
@@ -179,3 +180,22 @@ def test_photometric_output_is_normalized_float():
     assert out.dtype == torch.float32 and out.shape == (6, 3, 32, 32)
     assert out.min() >= -1 and out.max() <= 1
     assert math.isfinite(photometric(batch, torch.stack([p[0] for p in params])).abs().max().item())
+
+
+def test_blur_kernel_follows_the_drawn_sigmas_without_the_caller_passing_them(monkeypatch):
+    """The kernel spans +-3 sigma of the widest blur drawn for the batch: crops drawn with sigma <= 0.5 (the
+    Fashion-MNIST preset) get a 5-tap kernel, not the 13 taps that sigma 2 needs; unblurred crops do not count."""
+    aug, g = DataAugmentationDINO(local_crops_number=2, global_crop_size=16, local_crop_size=8,
+                                  blur_sigma=(0.1, 0.5)), torch.Generator().manual_seed(0)
+    crops, params = zip(*[aug(torch.randint(0, 256, (1, 28, 28), dtype=torch.uint8), g) for _ in range(8)])
+    crops = [torch.stack(v) for v in zip(*crops)]  # V x (B, 3, S, S)
+    params = torch.stack(params)  # (B, V, P)
+    seen = []
+    blur = augment.gaussian_blur
+    monkeypatch.setattr(augment, "gaussian_blur", lambda x, sigma, sigma_max: seen.append(sigma_max) or
+                        blur(x, sigma, sigma_max))
+    augment.photometric_views(crops, params, torch.device("cpu"))
+    blurred = params[..., COL["blur"]] > 0
+    assert seen and max(seen) == params[..., COL["sigma"]][blurred].max().item() <= 0.5
+    params[..., COL["blur"]] = 0
+    assert augment.largest_blur_sigma(params) == 0.0  # nothing blurred: no blur at all

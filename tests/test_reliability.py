@@ -21,7 +21,10 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoint
+import data
 import train
+from cli import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--data_path", "fashion_mnist", "--subset", "64", "--arch", "vit_tiny", "--depth", "1", "--patch_size", "7",
@@ -78,12 +81,12 @@ def straight(tmp_path_factory):
 
 # --- 1. reproducible data --------------------------------------------------------------------------------
 def crops_by_index(args, world_size=1, epoch=1, start=0):
-    """{index: (crops, params)} over an epoch of train.build_loader, from all ranks; and the batches' indices."""
+    """{index: (crops, params)} over an epoch of data.training_loader, from all ranks; and the batches' indices."""
     images = torch.randint(0, 256, (16, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    dataset = train.TensorImages(images, torch.arange(16))  # label = index
+    dataset = data.TensorImages(images, torch.arange(16))  # label = index
     found, batches = {}, []
     for rank in range(world_size):
-        loader, sampler = train.build_loader(dataset, args, rank, world_size, torch.device("cpu"))
+        loader, sampler = data.training_loader(dataset, args, rank, world_size, torch.device("cpu"))
         sampler.set_epoch(epoch, start)
         for k, (crops, params, labels, errors) in enumerate(loader):
             batches.append((k, rank, labels.tolist()))
@@ -122,7 +125,7 @@ def test_resume_after_a_crash_is_bit_identical_to_a_straight_run(tmp_path, monke
     """Checkpoints after steps 3 (--saveckp_steps 3), 4 (end of epoch 0), 6, 8: the run crashes right after the
     2nd (an epoch boundary) or the 3rd (inside epoch 1, step 2 of 4 done); resumed, it ends with the weights,
     center, optimizer state and logged losses of the straight run, drop path included."""
-    save_atomic, saves = train.save_atomic, []
+    save_atomic, saves = checkpoint.save_atomic, []
 
     def save_then_crash(obj, path):
         save_atomic(obj, path)
@@ -130,7 +133,7 @@ def test_resume_after_a_crash_is_bit_identical_to_a_straight_run(tmp_path, monke
         if len(saves) == crash_after_save:
             raise Crash
 
-    monkeypatch.setattr(train, "save_atomic", save_then_crash)
+    monkeypatch.setattr(checkpoint, "save_atomic", save_then_crash)
     with pytest.raises(Crash):
         train.main(RESUME + ["--saveckp_steps", "3", "--output_dir", str(tmp_path)])
     assert (load(tmp_path)["epoch"], load(tmp_path)["iteration"]) == where
@@ -168,8 +171,11 @@ def slow_save(obj, f):
     data = buffer.getvalue()
     f.write(data[:len(data) // 2]); f.flush(); time.sleep(3); f.write(data[len(data) // 2:])
 torch.save = slow_save
+import checkpoint
+import data
 import train
-train.run_cli(train.main)
+from cli import ConfigError
+train.cli.run_cli(train.main)
 """
 
 
@@ -266,11 +272,11 @@ def test_a_checkpoint_carrying_code_is_refused_and_its_code_never_runs(tmp_path)
     torch.save({"student": Payload(f"touch {marker}"), "epoch": 1}, tmp_path / "out" / "checkpoint.pth")
     with open(tmp_path / "plain.pth", "wb") as f:  # a bare pickle, not torch's zip format
         pickle.dump(Payload(f"touch {marker}"), f)
-    with pytest.raises(train.ConfigError, match="cannot read .*checkpoint.pth as a safe torch checkpoint"):
+    with pytest.raises(ConfigError, match="cannot read .*checkpoint.pth as a safe torch checkpoint"):
         train.main(TINY + ["--output_dir", str(tmp_path / "out")])  # resume
     for path in (tmp_path / "plain.pth", tmp_path / "out" / "checkpoint.pth"):
-        with pytest.raises(train.ConfigError, match="as a safe torch checkpoint"):
-            train.load_backbone(path)  # eval_knn, eval_linear, visualize_attention
+        with pytest.raises(ConfigError, match="as a safe torch checkpoint"):
+            checkpoint.load_backbone(path)  # eval_knn, eval_linear, visualize_attention
     assert not marker.exists()
     torch.load(tmp_path / "out" / "checkpoint.pth", weights_only=False)  # the control: the payload is real
     assert marker.exists()
@@ -306,18 +312,18 @@ def make_image_folder(root):
 def test_unreadable_images_are_skipped_and_counted_and_odd_ones_are_used(tmp_path, capsys):
     folder, readable, unreadable = make_image_folder(tmp_path / "zoo")
     for name, rgb in readable.items():  # converted to uint8 RGB, with the right colour
-        image = train.read_image(str(folder / name))
+        image = data.read_image(str(folder / name))
         assert image.dtype == torch.uint8 and image.shape[0] == 3
         assert (image.float().mean(dim=(1, 2)) - torch.tensor(rgb)).abs().max() < 3, name
     for name in unreadable:
         with pytest.raises(OSError, match=name):
-            train.read_image(str(folder / name))
+            data.read_image(str(folder / name))
     flags = TINY + ["--data_path", str(tmp_path / "zoo"), "--batch_size_per_gpu", "4"]  # 4 steps: all 16 files
     train.main(flags + ["--max_bad_fraction", "0.5", "--output_dir", str(tmp_path / "out")])
     warnings = [line for line in capsys.readouterr().err.splitlines() if "skipped an unreadable image" in line]
     assert sorted(Path(line.split("cannot read image ")[1].split(" (")[0]).name for line in warnings) == unreadable
     assert read_log(tmp_path / "out")[0]["skipped_images"] == len(unreadable)
-    with pytest.raises(train.ConfigError, match="unreadable images so far in this epoch, more than --max_bad_fraction "
+    with pytest.raises(ConfigError, match="unreadable images so far in this epoch, more than --max_bad_fraction "
                                                 "0.1 of its 16 images"):
         train.main(flags + ["--max_bad_fraction", "0.1", "--output_dir", str(tmp_path / "out2")])
 
@@ -332,24 +338,24 @@ def test_a_full_disk_fails_at_the_save_and_keeps_the_previous_checkpoint(tmp_pat
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(train.ConfigError, match="could not write the checkpoint .*No space left on device"):
+    with pytest.raises(ConfigError, match="could not write the checkpoint .*No space left on device"):
         train.main(RESUME + ["--epochs", "3", "--output_dir", str(tmp_path)])
     assert (tmp_path / "checkpoint.pth").read_bytes() == before and not list(tmp_path.glob("*.tmp"))
 
 
 def test_an_output_dir_that_cannot_be_written_fails_before_training(tmp_path):
     (tmp_path / "a_file").write_text("")
-    with pytest.raises(train.ConfigError, match="cannot write to --output_dir"):
+    with pytest.raises(ConfigError, match="cannot write to --output_dir"):
         train.main(TINY + ["--output_dir", str(tmp_path / "a_file" / "out")])
 
 
 def test_resuming_another_model_lists_every_difference():
     args = train.parse_args(TINY + ["--out_dim", "128", "--depth", "2", "--batch_size_per_gpu", "8"])
     saved = vars(train.parse_args(TINY))
-    with pytest.raises(train.ConfigError) as error:
-        train.check_resumable({"args": saved, "epoch": 1, "iteration": 0}, args, world_size=1)
+    with pytest.raises(ConfigError) as error:
+        checkpoint.check_resumable({"args": saved, "epoch": 1, "iteration": 0}, args, world_size=1)
     assert "depth: checkpoint 1, now 2; out_dim: checkpoint 64, now 128)" in str(error.value)
-    with pytest.raises(train.ConfigError) as error:  # inside an epoch the batch counts too
-        train.check_resumable({"args": saved, "epoch": 1, "iteration": 2, "world_size": 2}, args, world_size=1)
+    with pytest.raises(ConfigError) as error:  # inside an epoch the batch counts too
+        checkpoint.check_resumable({"args": saved, "epoch": 1, "iteration": 2, "world_size": 2}, args, world_size=1)
     assert ("depth: checkpoint 1, now 2; out_dim: checkpoint 64, now 128; batch_size_per_gpu: checkpoint 16, "
             "now 8; world_size: checkpoint 2, now 1)") in str(error.value)

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import train
+import checkpoint
+from cli import ConfigError
 from head import DINOHead, MultiCropWrapper
 
 FACTS = [Path(__file__).resolve().parent / "official_dino_state_dict_shapes.json",
@@ -56,7 +57,7 @@ def teacher_backbone():
 def test_official_pretrained_backbone_file_loads_exactly(tmp_path, teacher_backbone):
     """dino_deitsmall16_pretrain.pth is a plain state dict of the ViT-S/16: every tensor arrives unchanged."""
     torch.save(teacher_backbone, tmp_path / "dino_deitsmall16_pretrain.pth")
-    model, saved = train.load_backbone(tmp_path / "dino_deitsmall16_pretrain.pth", "vit_small", 16)
+    model, saved = checkpoint.load_backbone(tmp_path / "dino_deitsmall16_pretrain.pth", "vit_small", 16)
     assert_loaded(model, teacher_backbone)
     assert saved == {}
 
@@ -76,21 +77,21 @@ def test_official_full_checkpoint_loads_teacher_or_student(tmp_path, teacher_bac
             "args": argparse.Namespace(arch="vit_small", patch_size=16, out_dim=65536, global_crops_scale=(0.4, 1.0))}
     path = tmp_path / "dino_deitsmall16_full_checkpoint.pth"
     torch.save(ckpt, path)
-    model, saved = train.load_backbone(path)  # no --arch / --patch_size: read from args
+    model, saved = checkpoint.load_backbone(path)  # no --arch / --patch_size: read from args
     assert_loaded(model, teacher_backbone)
     assert saved["arch"] == "vit_small" and saved["out_dim"] == 65536
-    model, _ = train.load_backbone(path, key="student")
+    model, _ = checkpoint.load_backbone(path, key="student")
     assert_loaded(model, {k: v.contiguous() for k, v in student_backbone.items()})
 
 
 def test_our_checkpoint_loads_with_the_architecture_it_records(tmp_path):
     """train.py saves MultiCropWrapper state dicts and args as a plain dict (arch, patch_size, depth, ...)."""
     torch.manual_seed(0)
-    wrapper = MultiCropWrapper(train.build_vit("vit_tiny", 7, depth=2), DINOHead(192, 64))
+    wrapper = MultiCropWrapper(checkpoint.build_vit("vit_tiny", 7, depth=2), DINOHead(192, 64))
     args = {"arch": "vit_tiny", "patch_size": 7, "depth": 2, "out_dim": 64, "global_crop_size": 28}
     torch.save({"student": wrapper.state_dict(), "teacher": wrapper.state_dict(), "args": args, "epoch": 1},
                tmp_path / "checkpoint.pth")
-    model, saved = train.load_backbone(tmp_path / "checkpoint.pth")
+    model, saved = checkpoint.load_backbone(tmp_path / "checkpoint.pth")
     assert len(model.blocks) == 2 and model.patch_size == 7 and saved["global_crop_size"] == 28
     assert_loaded(model, wrapper.backbone.state_dict())
 
@@ -110,8 +111,8 @@ def test_a_file_that_does_not_fit_is_refused_in_one_line(tmp_path, arch, patch_s
     mis-shaped keys are named, with what the file holds and the flags to check."""
     shapes = SHAPES.get(file_shapes, {"conv1.weight": [64, 3, 7, 7], "fc.weight": [1000, 2048]})
     torch.save(constant_tensors(shapes, 0.0), tmp_path / "weights.pth")
-    with pytest.raises(train.ConfigError) as error:
-        train.load_backbone(tmp_path / "weights.pth", arch, patch_size)
+    with pytest.raises(ConfigError) as error:
+        checkpoint.load_backbone(tmp_path / "weights.pth", arch, patch_size)
     message = str(error.value)
     assert all(m in message for m in messages) and "\n" not in message
     assert message.endswith("check --arch, --patch_size and --checkpoint_key")
@@ -124,11 +125,11 @@ class NotAllowed:
 def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
     """weights_only=True: a pickle naming any other class than tensors, containers and Namespace is not loaded."""
     torch.save({"teacher": {}, "args": NotAllowed()}, tmp_path / "unsafe.pth")
-    with pytest.raises(train.ConfigError, match="cannot read .* as a safe torch checkpoint"):
-        train.load_backbone(tmp_path / "unsafe.pth")
+    with pytest.raises(ConfigError, match="cannot read .* as a safe torch checkpoint"):
+        checkpoint.load_backbone(tmp_path / "unsafe.pth")
 
 
 def test_a_missing_checkpoint_key_names_the_keys_there(tmp_path):
     torch.save({"model": {"x": torch.zeros(1)}, "epoch": 3}, tmp_path / "other.pth")
-    with pytest.raises(train.ConfigError, match="no 'teacher' entry .*epoch, model"):
-        train.load_backbone(tmp_path / "other.pth")
+    with pytest.raises(ConfigError, match="no 'teacher' entry .*epoch, model"):
+        checkpoint.load_backbone(tmp_path / "other.pth")

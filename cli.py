@@ -1,0 +1,83 @@
+"""The command-line conventions every script shares: bad input ends in one line `error: ...` and exit code 2.
+
+A flag outside its meaningful range, a missing or unreadable file, a checkpoint that does not fit: the user
+gets one line naming the problem and what to do, never a traceback and never a silent run.
+
+    from cli import ArgumentParser, ConfigError, positive_int, run_cli
+    p = ArgumentParser(description="...")
+    p.add_argument("--batch_size", type=positive_int, default=64)
+    ...
+    if __name__ == "__main__":
+        run_cli(main)
+"""
+import argparse
+import os
+import sys
+
+
+class ConfigError(Exception):
+    """A problem with the user's input or environment (flags, files, disk): reported as one line, exit code 2."""
+
+
+def run_cli(main):
+    try:
+        main()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with defaults shown in --help, and its errors (unknown flag, bad value) as one line, exit code 2."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+
+    def error(self, message):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def bool_flag(s):
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+def _checked(kind, ok, what):
+    """An argparse type: `kind(s)` that must satisfy `ok`, else the message 'expected <what>, got <s>'."""
+    def parse(s):
+        try:
+            value = kind(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}") from None
+        if not ok(value):  # NaN fails every comparison, so it is refused too
+            raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}")
+        return value
+    parse.__name__ = what  # argparse names the type in some messages
+    return parse
+
+
+positive_int = _checked(int, lambda v: v > 0, "an integer > 0")
+nonneg_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _checked(float, lambda v: 0 < v < float("inf"), "a number > 0")
+nonneg_float = _checked(float, lambda v: 0 <= v < float("inf"), "a number >= 0")
+unit_float = _checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+
+
+def existing_file(path):
+    if not os.path.isfile(path):
+        raise argparse.ArgumentTypeError(f"{path} is not a file" + (" (it does not exist)"
+                                                                     if not os.path.exists(path) else ""))
+    if not os.access(path, os.R_OK):
+        raise argparse.ArgumentTypeError(f"{path} cannot be read (permissions)")
+    return path
+
+
+def existing_dir(path):
+    if not os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"{path} is not a folder" + (" (it does not exist)"
+                                                                      if not os.path.exists(path) else ""))
+    return path

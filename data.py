@@ -1,0 +1,255 @@
+"""Datasets and images: what every script reads, and the training data loader (paper Sec. 3.1 multi-crop).
+
+- Named datasets: `fashion_mnist` (read offline from the Debian package dataset-fashion-mnist, or its four .gz
+  files in --data_root, else downloaded by torchvision), `cifar10`, `cifar100`, `stl10`; or an ImageFolder.
+- Images are decoded with PIL to uint8 (3, H, W) tensors; an unreadable file raises `UnreadableImage`, which
+  training skips (with a limit) and every other script reports as one line.
+- The evaluation view (resize + center crop) and feature extraction shared by the evaluation scripts.
+
+Shape letters: B images, N dataset size, D feature width, S image side.
+"""
+import gzip
+import os
+import signal
+import sys
+from typing import NamedTuple
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.distributed as dist
+import torchvision
+from torchvision.transforms.v2 import functional as TF
+from tqdm import tqdm
+
+from augment import IMAGENET_MEAN, IMAGENET_STD, DataAugmentationDINO, EpochSampler, MultiCropDataset
+from cli import ConfigError
+
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # apt-get install dataset-fashion-mnist
+DATASET_NAMES = ("fashion_mnist", "cifar10", "cifar100", "stl10")
+
+
+class Datasets(NamedTuple):
+    train: torch.utils.data.Dataset  # items (image, label): images for self-supervised training
+    knn_train: torch.utils.data.Dataset  # labelled memory bank for k-NN (None if there is no labelled split)
+    knn_test: torch.utils.data.Dataset
+    num_classes: int
+    image_size: int  # the dataset's native (or evaluation) image side
+
+
+class TensorImages(torch.utils.data.Dataset):
+    """uint8 images (N, H, W) with labels (N,); items are ((1, H, W) tensor, int)."""
+
+    def __init__(self, images, labels):
+        self.images, self.labels = images, labels
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i][None], int(self.labels[i])
+
+
+def read_idx_gz(path):
+    """The MNIST idx format: a big-endian header (magic, sizes) then uint8 data."""
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    return torch.frombuffer(bytearray(data[4 + 4 * ndim:]), dtype=torch.uint8).reshape(shape)
+
+
+def fashion_mnist(root):
+    """(train, test) TensorImages of Fashion-MNIST: 60,000 and 10,000 images of 28 x 28 pixels, 10 classes."""
+    names = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+             "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
+    for folder in (root, os.path.join(root, "FashionMNIST", "raw"), DEBIAN_FASHION_MNIST):
+        if all(os.path.exists(os.path.join(folder, n)) for n in names):
+            x, y, xt, yt = (read_idx_gz(os.path.join(folder, n)) for n in names)
+            return TensorImages(x, y), TensorImages(xt, yt)
+    try:  # not on disk: let torchvision download it into root
+        train = torchvision.datasets.FashionMNIST(root, train=True, download=True)
+        test = torchvision.datasets.FashionMNIST(root, train=False, download=True)
+    except Exception as e:
+        raise ConfigError(f"Fashion-MNIST is not on this machine and could not be downloaded ({e}): install "
+                          f"the Debian package (apt-get install dataset-fashion-mnist) or put its four .gz "
+                          f"files in --data_root {root}") from None
+    return TensorImages(train.data, train.targets), TensorImages(test.data, test.targets)
+
+
+class UnreadableImage(ConfigError, OSError):
+    """A file that cannot be decoded: an OSError (training skips it) and a ConfigError (scripts print one line)."""
+
+
+def read_image(path):
+    """Decode a file to a uint8 (3, H, W) RGB tensor. Gray, palette, RGBA (alpha dropped), CMYK and 16-bit
+    images are converted; a file that cannot be decoded (empty, truncated, not an image) raises UnreadableImage.
+
+    NOTE: PIL, not torchvision.io, whose decoding is deprecated since torchvision 0.29 (it warns in every run).
+    """
+    try:
+        with PIL.Image.open(path) as img:
+            if img.mode in ("I;16", "I;16B", "I"):  # 16/32-bit gray: keep the top 8 bits, not a clipped value
+                img = PIL.Image.fromarray((np.asarray(img, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8))
+            return TF.pil_to_tensor(img.convert("RGB"))
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... on files it cannot decode
+        raise UnreadableImage(f"cannot read image {path} ({type(e).__name__}: {e})") from None
+
+
+def to_rgb(image):
+    """A PIL image or a uint8 tensor (C, H, W) with C = 1, 3 or 4 -> uint8 (3, H, W)."""
+    image = TF.to_image(image)  # PIL or tensor -> (C, H, W)
+    return image.expand(3, -1, -1) if image.shape[0] == 1 else image[:3]
+
+
+def normalize(images):
+    """uint8 images (..., 3, H, W) -> float, scaled to [0, 1] and normalized with the ImageNet mean and std."""
+    return TF.normalize(images.float() / 255, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def image_folder(path):
+    try:
+        return torchvision.datasets.ImageFolder(path, loader=read_image)
+    except (FileNotFoundError, OSError) as e:
+        raise ConfigError(f"no images found in {path} ({e}): --data_path must be a folder of class folders "
+                          f"holding images, or a dataset name ({', '.join(DATASET_NAMES)})") from None
+
+
+def build_datasets(data_path, data_root, subset=0):
+    """The Datasets of a name or of a folder (with train/ and val/ for k-NN; without: training only).
+    subset: keep only the first `subset` images of each split (quick trials); 0 keeps all."""
+    data = _build_datasets(data_path, data_root)
+    if subset:
+        cut = lambda ds: ds and torch.utils.data.Subset(ds, range(min(subset, len(ds))))
+        data = data._replace(train=cut(data.train), knn_train=cut(data.knn_train), knn_test=cut(data.knn_test))
+    return data
+
+
+def _build_datasets(data_path, data_root):
+    if data_path == "fashion_mnist":
+        train, test = fashion_mnist(data_root)
+        return Datasets(train, train, test, 10, 28)
+    if data_path in DATASET_NAMES:
+        try:
+            if data_path == "stl10":
+                get = lambda split: torchvision.datasets.STL10(data_root, split=split, download=True)
+                return Datasets(get("train+unlabeled"), get("train"), get("test"), 10, 96)
+            cls = torchvision.datasets.CIFAR10 if data_path == "cifar10" else torchvision.datasets.CIFAR100
+            train, test = cls(data_root, train=True, download=True), cls(data_root, train=False, download=True)
+        except Exception as e:
+            raise ConfigError(f"could not get {data_path} into {data_root} ({e}): connect to the internet or "
+                              f"place the torchvision download there") from None
+        return Datasets(train, train, test, len(train.classes), 32)
+    if not os.path.isdir(data_path):
+        raise ConfigError(f"--data_path {data_path!r} is neither a folder nor a known dataset name "
+                          f"({', '.join(DATASET_NAMES)})")
+    train_dir, val_dir = os.path.join(data_path, "train"), os.path.join(data_path, "val")
+    if os.path.isdir(train_dir):
+        train = image_folder(train_dir)
+        test = image_folder(val_dir) if os.path.isdir(val_dir) else None
+        return Datasets(train, train if test else None, test, len(train.classes), 224)
+    train = image_folder(data_path)
+    return Datasets(train, None, None, len(train.classes), 224)
+
+
+# --- the training loader (paper Sec. 3.1, multi-crop) ---------------------------------------------------------
+def training_loader(dataset, args, rank, world_size, device):
+    """(loader, sampler): batches (crops, params, labels, errors) of this process. Each sample's crops and
+    photometric draws depend only on (seed, epoch, index) (MultiCropDataset), never on the rank, the batch or the
+    worker. `sampler.set_epoch(epoch, start)` chooses the epoch and how many of its samples to skip (resuming)."""
+    if len(dataset) < args.batch_size_per_gpu * world_size:
+        raise ConfigError(f"{len(dataset)} images are fewer than one batch of "
+                          f"{args.batch_size_per_gpu * world_size}: lower --batch_size_per_gpu")
+    transform = DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
+                                     args.global_crop_size, args.local_crop_size, args.blur_sigma)
+    # One permutation per epoch (seed + epoch), rank r takes perm[r::world_size]: batch k of all ranks together is
+    # perm[k B W : (k + 1) B W], batch k of one process with batch B W: the same samples for any world size W.
+    sampler = EpochSampler(torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=True,
+                                                               seed=args.seed))
+    # NOTE: its own generator keeps the DataLoader from drawing the workers' base seed from the global RNG at each
+    # epoch (drop path draws from it): a resumed run then draws the same drop path masks as a straight one.
+    loader = torch.utils.data.DataLoader(
+        MultiCropDataset(dataset, transform, args.seed), sampler=sampler,
+        batch_size=args.batch_size_per_gpu, num_workers=args.num_workers, pin_memory=device.type == "cuda",
+        drop_last=True, persistent_workers=args.num_workers > 0, prefetch_factor=4 if args.num_workers > 0 else None,
+        worker_init_fn=ignore_stop_signals, generator=torch.Generator())
+    return loader, sampler
+
+
+def count_unreadable(messages, skipped, warned, epoch_images, max_fraction):
+    """skipped + the unreadable images of a batch (MultiCropDataset's messages, "" for a read image), warning once
+    per file; ConfigError when more than max_fraction of this process's images of the epoch are unreadable."""
+    for message in filter(None, messages):
+        skipped += 1
+        if message not in warned:
+            warned.add(message)
+            tqdm.write(f"WARNING: skipped an unreadable image (replaced by the next one): {message}", file=sys.stderr)
+    if skipped > max_fraction * epoch_images:
+        raise ConfigError(f"{skipped} unreadable images so far in this epoch, more than --max_bad_fraction "
+                          f"{max_fraction} of its {epoch_images} images (per process): repair or remove the files "
+                          f"named in the warnings, or raise --max_bad_fraction")
+    return skipped
+
+
+def ignore_stop_signals(worker_id):
+    """Workers leave SIGINT (Ctrl-C reaches the whole process group) and SIGTERM to the main process, which stops
+    after a step (checkpoint.StopFlag); a worker that died of them would make the DataLoader fail instead."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+# --- evaluation: a deterministic view and frozen features -------------------------------------------------------
+class EvalTransform:
+    """Resize the short side to size * 256 / 224 and center-crop `size` (the official evaluation view); images
+    already `size` pixels wide (Fashion-MNIST, CIFAR at their native size) are left as they are. uint8 (3, S, S)."""
+
+    def __init__(self, size):
+        self.size = size
+
+    def __call__(self, image):
+        image = to_rgb(image)
+        if min(image.shape[-2:]) != self.size:
+            image = TF.resize(image, self.size * 256 // 224, antialias=True)
+        return TF.center_crop(image, self.size).contiguous()
+
+
+class Transformed(torch.utils.data.Dataset):
+    """(transform(image), label) for each (image, label) of `dataset`."""
+
+    def __init__(self, dataset, transform):
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        image, label = self.dataset[i]
+        return self.transform(image), label
+
+
+@torch.no_grad()
+def extract_features(model, dataset, size, device, batch_size=256, num_workers=0, desc="features"):
+    """model(normalized evaluation views) for every image: (N, D) on `device`, and the labels (N,). With a
+    backbone as `model`: its CLS feature after the final norm. Under torch.distributed each rank computes a
+    strided shard and the shards are all-gathered."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    per_rank = -(-len(dataset) // world)
+    indices = [min(i, len(dataset) - 1) for i in range(rank, per_rank * world, world)]  # pad the last shard
+    shard = torch.utils.data.Subset(Transformed(dataset, EvalTransform(size)), indices)
+    loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=num_workers,
+                                         pin_memory=device.type == "cuda")
+    feats, labels = [], []
+    for images, targets in tqdm(loader, desc=desc, disable=rank != 0, leave=False):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            feats.append(model(normalize(images.to(device, non_blocking=True))).float())
+        labels.append(torch.as_tensor(targets, device=device))
+    feats, labels = torch.cat(feats), torch.cat(labels)
+    if world > 1:
+        feats, labels = _gather_interleaved(feats, world), _gather_interleaved(labels, world)
+    return feats[:len(dataset)], labels[:len(dataset)]
+
+
+def _gather_interleaved(x, world):
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x)
+    return torch.stack(parts, dim=1).flatten(0, 1)  # (per_rank, world, ...) -> dataset order
