@@ -351,7 +351,8 @@ def load_images(args, count):
         images, names = [data.read_image(p) for p in args.image_path], [Path(p).stem for p in args.image_path]
         size = args.load_size or 224
     elif args.data_path:
-        test = data.build_datasets(args.data_path, args.data_root).knn_test
+        datasets = data.build_datasets(args.data_path, args.data_root)
+        test = datasets.knn_test or datasets.train  # an ImageFolder without val/: its images
         targets = getattr(test, "labels", getattr(test, "targets", None))  # TensorImages, torchvision datasets
         targets = torch.as_tensor(targets if targets is not None else [int(test[i][1]) for i in range(len(test))])
         index = torch.nonzero(targets == args.class_index).squeeze(1)[:count].tolist()
@@ -366,10 +367,10 @@ def load_images(args, count):
     return [TF.resize(im, size, antialias=True) for im in images], names
 
 
-def describe(model, image, args, layer, bin, saliency=True):
+def describe(model, image, args, layer, bin):
     """(descriptors (N, D'), saliency (N,), grid) of one uint8 image (3, H, W)."""
     x = data.normalize(image.to(args.device))[None]  # (1, 3, H, W)
-    desc, sal, grid = extract(model, x, layer, args.facet, args.stride, bin, saliency)
+    desc, sal, grid = extract(model, x, layer, args.facet, args.stride, bin, saliency=True)
     return desc[0], sal[0], grid
 
 

@@ -269,3 +269,22 @@ def test_warp_maps_send_a_pixel_where_the_warp_puts_it(warp_index):
     ys, xs = torch.meshgrid(torch.arange(56.0), torch.arange(56.0), indexing="ij")
     centre = torch.stack([(warped * ys).sum(), (warped * xs).sum()]) / warped.sum()
     assert torch.allclose(centre, to_warped(torch.tensor([[20.5, 30.5]]))[0].float(), atol=0.3), name
+
+
+def test_an_image_against_itself_matches_every_buddy_and_jaccard_is_a_fraction():
+    """The two measurements run end to end: the identity warp puts every best buddy at its true place, and the
+    co-segmentation Jaccard of squares on black is in [0, 1]."""
+    import argparse
+    import correspond
+    import cosegment
+    model = tiny_vit(patch_size=7, depth=1)
+    images = torch.zeros(12, 28, 28, dtype=torch.uint8)
+    for n in range(12):
+        images[n, 4 + n % 5:18 + n % 5, 6:20] = 150 + n
+    args = argparse.Namespace(layer=None, facet="key", stride=7, bin=True, thresh=0.05, device="cpu",
+                              load_size=28, elbow=0.975, votes_percentage=75, sample_interval=1, num_images=6)
+    rgb = images[:, None].expand(-1, 3, -1, -1)
+    share, pairs = correspond.warp_accuracy(model, rgb, lambda x: x, lambda p: p, args)
+    assert share == 1.0 and pairs > 0
+    mean, per_class, grid = cosegment.jaccard_on_fashion_mnist(model, images, torch.arange(12) % 2, args)
+    assert grid == (4, 4) and 0.0 <= mean <= 1.0 and set(per_class) == {0, 1}
