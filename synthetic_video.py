@@ -6,7 +6,7 @@ closed paths, turn, and stretch (their axes breathe in opposite phase). Each obj
 its own coordinates, so it turns and stretches with the object; later objects occlude earlier ones. The masks
 are exact: label 0 is the background, label k the k-th object where it is visible.
 
-    python synthetic_video.py --output_dir synthetic_davis --num_videos 10 --num_frames 24 --size 112
+    python synthetic_video.py --output_dir synthetic_davis --num_videos 10 --num_frames 24 --size 112 [--gray]
     python eval_video_segmentation.py --data_path synthetic_davis --image_size 112 ...
 
 writes synthetic_davis/JPEGImages/480p/<video>/00000.jpg..., Annotations/480p/<video>/00000.png... (every
@@ -75,8 +75,9 @@ def random_motion(gen, size, num_frames):
     return center, angle, axes
 
 
-def make_clip(seed, num_frames=24, size=112, num_objects=2):
-    """(frames uint8 (T, 3, S, S), labels uint8 (T, S, S)) of one clip, the same for the same arguments."""
+def make_clip(seed, num_frames=24, size=112, num_objects=2, gray=False):
+    """(frames uint8 (T, 3, S, S), labels uint8 (T, S, S)) of one clip, the same for the same arguments. With
+    gray, the frames are the luma of the colour ones (objects and background then share one intensity range)."""
     gen = torch.Generator().manual_seed(seed)
     background = 0.15 + 0.7 * smooth_noise(gen, 10, 2 * size)  # (3, 2S, 2S): the frames show a panning window
     background = (background + 0.08 * smooth_noise(gen, 48, 2 * size) - 0.04).clamp(0, 1)
@@ -97,6 +98,8 @@ def make_clip(seed, num_frames=24, size=112, num_objects=2):
             inside = u ** 2 + v ** 2 <= 1
             frame = torch.where(inside, sample(texture, u, v), frame)
             label[inside] = k
+        if gray:
+            frame = (0.299 * frame[0] + 0.587 * frame[1] + 0.114 * frame[2]).expand(3, -1, -1)  # (3, S, S)
         frames.append((frame * 255).round().to(torch.uint8))
         labels.append(label)
     return torch.stack(frames), torch.stack(labels)
@@ -125,9 +128,11 @@ def main(argv=None):
     p.add_argument("--num_frames", type=positive_int, default=24)
     p.add_argument("--size", type=positive_int, default=112, help="side of the square frames in pixels")
     p.add_argument("--num_objects", type=positive_int, default=2)
+    p.add_argument("--gray", action="store_true", help="grayscale frames: objects are told apart by texture, "
+                   "not colour")
     p.add_argument("--seed", type=int, default=0, help="video i is drawn with seed + i")
     args = p.parse_args(argv)
-    clips = {f"clip{i:02d}": make_clip(args.seed + i, args.num_frames, args.size, args.num_objects)
+    clips = {f"clip{i:02d}": make_clip(args.seed + i, args.num_frames, args.size, args.num_objects, args.gray)
              for i in range(args.num_videos)}
     write_davis(args.output_dir, clips)
     print(f"{len(clips)} clips of {args.num_frames} frames, {args.size} x {args.size} px, in {args.output_dir}")
