@@ -1,0 +1,279 @@
+"""Copy detection with frozen DINO features (paper Sec. 4.2.1, Table 5: Copydays "strong").
+
+Each image is described by the CLS token of the last block concatenated with the GeM (p = 4) pooling of its patch
+tokens, (2D); the descriptors are optionally PCA-whitened with an operator learned on other images, L2-normalized,
+and each query ranks the database by cosine similarity. A query's positives are the database images it copies; its
+AP is computed over the top --topk results (the Holidays/Copydays trapezoid AP), and the mean over queries is mAP.
+
+Two sets:
+- Copydays (`--data_path` a folder with original/ and strong/, and jpegqual/<q>/, crops/<c>/ when present): every
+  block present queries the database = original/ + the images of --distractors_path; whitening is learned on the
+  images of --whitening_path. Images are resized to --imsize x --imsize (official: 320, bicubic).
+- otherwise (a dataset name, default fashion_mnist, or an ImageFolder with val/): a set generated from the test
+  split. --num_queries test images are edited strongly (crops, rotations, blur, JPEG, brightness/contrast/inversion,
+  overlays of another image or of text-like strokes, three of these per copy); the database is the whole test split,
+  the originals hidden among the other test images; whitening is learned on --num_whitening training images.
+
+    python eval_copy_detection.py --pretrained_weights output/checkpoint.pth --baselines true
+    python eval_copy_detection.py --pretrained_weights dino_vitbase8_pretrain.pth --arch vit_base --patch_size 8 \
+        --data_path /path/to/copydays --whitening_path /path/to/20k_yfcc --distractors_path /path/to/10k_yfcc
+
+Shape letters: Q queries, N database images, D feature width, S image side.
+"""
+import math
+import os
+
+import torch
+from torchvision.io import decode_jpeg, encode_jpeg, write_png
+from torchvision.utils import make_grid
+from torchvision.transforms.v2 import functional as TF
+
+import data
+from cli import ArgumentParser, ConfigError, existing_dir, nonneg_int, positive_int, run_cli
+from retrieval import (Whitening, add_common_args, average_precision, backbones, cls_gem_descriptor, extract,
+                       pixel_descriptor, rank_database, report)
+
+COPYDAYS_BLOCKS = (["original", "strong"] + [f"jpegqual/{q}" for q in (3, 5, 8, 10, 15, 20, 30, 50, 75)]
+                   + [f"crops/{c}" for c in (10, 15, 20, 30, 40, 50, 60, 70, 80)])
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+# --- strong edits: a copy-detection set generated from any test split --------------------------------------------
+def uniform(g, lo, hi):
+    return lo + (hi - lo) * torch.rand((), generator=g).item()
+
+
+def crop_or_rotate(image, other, g):
+    """A random crop of 40-80% of the area resized back, or a rotation by 15-45 degrees either way, or both."""
+    S = image.shape[-1]
+    kind = torch.randint(3, (), generator=g).item()  # 0 crop, 1 rotate, 2 both
+    if kind != 1:
+        side_h, side_w = (max(2, round(S * math.sqrt(uniform(g, 0.4, 0.8)))) for _ in range(2))
+        top, left = (torch.randint(S - s + 1, (), generator=g).item() for s in (side_h, side_w))
+        image = TF.resized_crop(image, top, left, side_h, side_w, [S, S], antialias=True)
+    if kind != 0:
+        image = TF.rotate(image, uniform(g, 15, 45) * (1 if torch.rand((), generator=g) < 0.5 else -1))
+    return image
+
+
+def overlay(image, other, g):
+    """Blend another image over it (30-50%), or draw 2-4 lines of text-like strokes (short bright/dark dashes)."""
+    if torch.rand((), generator=g) < 0.5:
+        alpha = uniform(g, 0.3, 0.5)
+        return (image.float() * (1 - alpha) + other.float() * alpha).round().to(torch.uint8)
+    image, S = image.clone(), image.shape[-1]
+    unit = max(1, S // 28)  # stroke thickness: 1 px at 28 px
+    for _ in range(torch.randint(2, 5, (), generator=g).item()):
+        y, x = torch.randint(S - 2 * unit, (), generator=g).item(), torch.randint(S // 2, (), generator=g).item()
+        value = 255 if torch.rand((), generator=g) < 0.5 else 0
+        while x < S:  # one "word" after another along the line
+            width = torch.randint(2, 6, (), generator=g).item() * unit
+            image[:, y:y + 2 * unit, x:x + width] = value
+            x += width + 2 * unit
+    return image
+
+
+def photometric(image, other, g):
+    """Brightness x0.5-1.5 and contrast x0.4-1.6, or an inversion of the grey levels."""
+    if torch.rand((), generator=g) < 0.25:
+        return TF.invert(image)
+    image = TF.adjust_brightness(image, uniform(g, 0.5, 1.5))
+    return TF.adjust_contrast(image, uniform(g, 0.4, 1.6))
+
+
+def blur(image, other, g):
+    """Gaussian blur, sigma 0.6-1.2 pixels at 28 px (scaled with the image side)."""
+    sigma = uniform(g, 0.6, 1.2) * image.shape[-1] / 28
+    kernel = 2 * math.ceil(3 * sigma) + 1
+    return TF.gaussian_blur(image, [kernel, kernel], [sigma, sigma])
+
+
+def jpeg(image, other, g):
+    """JPEG re-encoding at quality 10-40."""
+    return decode_jpeg(encode_jpeg(image.contiguous(), quality=torch.randint(10, 41, (), generator=g).item()))
+
+
+EDITS = (crop_or_rotate, overlay, photometric, blur, jpeg)  # applied in this order
+
+
+def strong_edit(image, other, g, num_edits=3):
+    """Three of the five edits, chosen at random, on a uint8 (3, S, S) image; `other` is the image to overlay."""
+    chosen = torch.randperm(len(EDITS), generator=g)[:num_edits].tolist()
+    for i in sorted(chosen):
+        image = EDITS[i](image, other, g)
+    return image
+
+
+class EditedCopies(torch.utils.data.Dataset):
+    """Items (strong edit of images[originals[i]], i): image i of the query set, deterministic in (seed, i)."""
+
+    def __init__(self, images, originals, seed=0):
+        self.images, self.originals, self.seed = images, originals, seed
+
+    def __len__(self):
+        return len(self.originals)
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        j = self.originals[i]
+        other = (j + 1 + torch.randint(len(self.images) - 1, (), generator=g).item()) % len(self.images)
+        return strong_edit(self.images[j][0], self.images[other][0], g), i
+
+
+# --- Copydays and folders of images -------------------------------------------------------------------------------
+def image_files(folder):
+    files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+    if not files:
+        raise ConfigError(f"no images in {folder}")
+    return files
+
+
+class ImageList(torch.utils.data.Dataset):
+    """Items (uint8 (3, imsize, imsize), i): image file i resized to a square, bicubic, as the official script."""
+
+    def __init__(self, files, imsize):
+        self.files, self.imsize = files, imsize
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        image = data.read_image(self.files[i])  # (3, H, W)
+        return TF.resize(image, [self.imsize, self.imsize], TF.InterpolationMode.BICUBIC, antialias=True), i
+
+
+def copydays_sets(args):
+    """(query blocks [(name, dataset, positives per query)], database, whitening set or None) of Copydays.
+    "strong" copies match the originals whose file names share their first 4 characters; the other blocks
+    match original i to query i (both sorted by name), as the official evaluation."""
+    present = [b for b in COPYDAYS_BLOCKS if os.path.isdir(os.path.join(args.data_path, b))]
+    if "original" not in present:
+        raise ConfigError(f"{args.data_path} has no original/ folder: --data_path must be the Copydays folder "
+                          f"(original/, strong/, jpegqual/, crops/) or a dataset name")
+    originals = image_files(os.path.join(args.data_path, "original"))
+    blocks = []
+    for name in present:
+        files = image_files(os.path.join(args.data_path, name))
+        if name == "strong":
+            key = lambda f: os.path.basename(f)[:4]
+            positives = [[j for j, o in enumerate(originals) if key(o) == key(f)] for f in files]
+        else:
+            positives = [[i] for i in range(len(files))]
+        blocks.append((name, ImageList(files, args.imsize), positives))
+    database = originals + (image_files(args.distractors_path) if args.distractors_path else [])
+    whitening = ImageList(image_files(args.whitening_path), args.imsize) if args.whitening_path else None
+    return blocks, ImageList(database, args.imsize), whitening
+
+
+def generated_sets(args, datasets):
+    """The same for a copy-detection set generated from the test split (see the module docstring)."""
+    view = lambda ds: data.Transformed(ds, data.EvalTransform(args.imsize))
+    test, train = view(datasets.knn_test), view(datasets.knn_train)
+    if args.num_queries > len(test):
+        raise ConfigError(f"--num_queries {args.num_queries} is more than the {len(test)} test images")
+    g = torch.Generator().manual_seed(args.seed)
+    originals = torch.randperm(len(test), generator=g)[:args.num_queries].tolist()
+    queries = EditedCopies(test, originals, args.seed)
+    whitening = None
+    if args.num_whitening:
+        chosen = torch.randperm(len(train), generator=g)[:args.num_whitening].tolist()
+        whitening = torch.utils.data.Subset(train, chosen)
+    return [("strong edits", queries, [[o] for o in originals])], test, whitening
+
+
+# --- evaluation ---------------------------------------------------------------------------------------------------
+def copy_detection_map(query_feats, db_feats, positives, topk):
+    """(mAP, top-1 accuracy, ranking (Q, k)): AP of each query over its top-k database images, positives[q] = the
+    indices of the database images it copies."""
+    _, idx = rank_database(query_feats, db_feats, topk)  # (Q, k)
+    is_positive = torch.zeros(len(query_feats), len(db_feats), dtype=torch.bool)
+    for q, pos in enumerate(positives):
+        is_positive[q, pos] = True
+    hits = is_positive.gather(1, idx.cpu())  # (Q, k)
+    ap = average_precision(hits, [max(1, len(p)) for p in positives])
+    return ap.mean().item(), hits[:, 0].double().mean().item(), idx.cpu()
+
+
+def evaluate(describe, blocks, database, whitening, device, args):
+    """({"<block> mAP": ..., "<block> top-1": ..., and the same "whitened"}, the first block's ranking (whitened
+    when there is whitening)) for one descriptor."""
+    extract_all = lambda ds, desc: extract(describe, ds, device, args.batch_size, args.num_workers, desc=desc)[0]
+    db = extract_all(database, "database features")
+    white = Whitening(extract_all(whitening, "whitening features")) if whitening is not None else None
+    results, rankings = {}, []
+    for name, queries, positives in blocks:
+        q = extract_all(queries, f"{name} features")
+        results[f"{name} mAP"], results[f"{name} top-1"], ranking = copy_detection_map(q, db, positives, args.topk)
+        if white is not None:
+            scores = copy_detection_map(white(q), white(db), positives, args.topk)
+            results[f"{name} mAP whitened"], results[f"{name} top-1 whitened"], ranking = scores
+        rankings.append(ranking)
+    return results, rankings[0]
+
+
+def save_examples(path, queries, database, ranking, positives, rows=6, top=5, cell=56):
+    """A picture: per row a query, then its `top` first results, the copied originals framed green, others grey."""
+    def framed(image, color):
+        image = TF.resize(data.to_rgb(image), [cell, cell], TF.InterpolationMode.NEAREST)
+        out = torch.tensor(color, dtype=torch.uint8)[:, None, None].repeat(1, cell + 6, cell + 6)  # (3, S+6, S+6)
+        out[:, 3:-3, 3:-3] = image
+        return out
+    cells = []
+    for q in range(min(rows, len(queries))):
+        cells.append(framed(queries[q][0], (255, 255, 255)))
+        cells += [framed(database[j][0], (40, 200, 40) if j in positives[q] else (90, 90, 90))
+                  for j in ranking[q, :top].tolist()]
+    write_png(make_grid(torch.stack(cells), nrow=top + 1, padding=4, pad_value=0), path)
+    print(f"wrote {path}")
+
+
+def get_args(argv=None):
+    p = ArgumentParser(description="Copy detection with frozen DINO features (paper Sec. 4.2.1)")
+    p.add_argument("--data_path", default="fashion_mnist", help="the Copydays folder, or a dataset name or an "
+                   "ImageFolder with train/ and val/ to generate a copy-detection set from")
+    p.add_argument("--whitening_path", type=existing_dir, default=None, help="Copydays: images to learn the "
+                   "whitening on (paper: 20k random YFCC100M images); default: no whitening")
+    p.add_argument("--distractors_path", type=existing_dir, default=None,
+                   help="Copydays: images added to the database (paper: 10k random YFCC100M images)")
+    p.add_argument("--num_queries", type=positive_int, default=500, help="generated set: edited test images")
+    p.add_argument("--num_whitening", type=nonneg_int, default=20000,
+                   help="generated set: training images to learn the whitening on (0: no whitening)")
+    p.add_argument("--seed", type=int, default=0, help="generated set: which images, which edits")
+    p.add_argument("--imsize", type=positive_int, default=None, help="square image side (default: 320 for "
+                   "Copydays as the official script; the checkpoint's global crop size, else the dataset's)")
+    p.add_argument("--topk", type=positive_int, default=20, help="AP over the top k results (official: 20)")
+    p.add_argument("--save_examples", default=None, help="write a PNG of the first queries (first block) and their "
+                   "top 5 with the first features (DINO), copies framed green")
+    add_common_args(p, batch_size=64)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    device = torch.device(args.device)
+    models, saved = backbones(args.pretrained_weights, args.arch, args.patch_size, args.checkpoint_key,
+                              args.baselines)
+    sources = [(name, cls_gem_descriptor(model.to(device))) for name, model in models]
+    if os.path.isdir(os.path.join(args.data_path, "original")):
+        args.imsize = args.imsize or 320
+        blocks, database, whitening = copydays_sets(args)
+    else:
+        datasets = data.build_datasets(args.data_path, args.data_root)
+        if datasets.knn_test is None:
+            raise ConfigError(f"{args.data_path} has no test split (val/) to generate copies from")
+        args.imsize = args.imsize or saved.get("global_crop_size") or datasets.image_size
+        blocks, database, whitening = generated_sets(args, datasets)
+        sources += [("raw pixels", pixel_descriptor)] if args.baselines else []
+    results, rankings = {}, {}
+    for name, describe in sources:
+        results[name], rankings[name] = evaluate(describe, blocks, database, whitening, device, args)
+    report(f"copy detection, {args.data_path}, {args.imsize} px, {len(database)} database images, AP over the top "
+           f"{args.topk}:", results, args)
+    if args.save_examples:
+        name, queries, positives = blocks[0]
+        save_examples(args.save_examples, queries, database, next(iter(rankings.values())), positives)
+    return results
+
+
+if __name__ == "__main__":
+    run_cli(main)

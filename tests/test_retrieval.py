@@ -1,0 +1,183 @@
+"""Retrieval and copy detection with frozen features (paper Sec. 4.2.1): mAP as the revisited Oxford/Paris
+evaluation computes it, GeM pooling, PCA whitening, and both scripts end to end on a few tiny images."""
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from torchvision.io import write_png
+
+import eval_copy_detection
+import eval_image_retrieval
+import vit
+from cli import ConfigError
+from retrieval import Whitening, average_precision, class_retrieval, compute_map, gem, precision_at
+
+
+def test_ap_is_the_trapezoid_rule_over_ranks():
+    """Positives at ranks 0 and 2 of 4, two positives in all:
+      1st at r = 0: P_left = 1, P_right = 1/1 -> (1 + 1) / 2 * 1/2 = 0.5
+      2nd at r = 2: P_left = 1/2, P_right = 2/3 -> (1/2 + 2/3) / 2 * 1/2 = 7/24
+    AP = 12/24 + 7/24 = 19/24. A positive never ranked (3 positives) only lowers the recall step: 19/36."""
+    hits = torch.tensor([[True, False, True, False]])
+    assert average_precision(hits, [2]).item() == pytest.approx(19 / 24)
+    assert average_precision(hits, [3]).item() == pytest.approx(19 / 36)
+    assert average_precision(torch.tensor([[True, True, False]]), [2]).item() == pytest.approx(1.0)
+    # One positive at rank r > 0: (0 + 1 / (r + 1)) / 2, the Copydays score (0.25 at rank 1)
+    assert average_precision(torch.tensor([[False, True, False]]), [1]).item() == pytest.approx(0.25)
+
+
+def test_junk_images_are_taken_out_of_the_ranking():
+    """"Junk images ... are ignored": database items 0..5; query 0 has positives {3, 5}, junk {1};
+    ranking 3, 1, 5, 0, 2, 4. Without the junk: 3, 5, 0, 2, 4 -> positives at ranks 0 and 1 -> AP = 1.
+    Query 1 (same ranking) has positives {0, 4} and no junk: ranks 3 and 5 ->
+      (0/3 + 1/4) / 2 / 2 + (1/5 + 2/6) / 2 / 2 = 1/16 + 2/15 = 47/240.
+    mP@k caps k at the rank of the last positive (1-based): query 0 (last at 2): P@1 = 1, P@5 = 2/2 = 1;
+    query 1 (last at 6): P@1 = 0, P@5 = 1/5. A query without positives is left out of the means."""
+    ranks = np.array([[3, 1, 5, 0, 2, 4]] * 3).T  # (N, Q)
+    gnd = [{"ok": [3, 5], "junk": [1]}, {"ok": [0, 4], "junk": []}, {"ok": [], "junk": [2]}]
+    mean_ap, aps, mpr, prs = compute_map(ranks, gnd, kappas=[1, 5])
+    assert aps[0] == pytest.approx(1.0) and aps[1] == pytest.approx(47 / 240) and np.isnan(aps[2])
+    assert mean_ap == pytest.approx((1 + 47 / 240) / 2)
+    assert prs[0] == pytest.approx([1.0, 1.0]) and prs[1] == pytest.approx([0.0, 0.2])
+    assert mpr == pytest.approx([0.5, 0.6])
+
+
+def test_precision_at_k_counts_positives_in_the_top_k():
+    hits = torch.tensor([[True, False, True, True, False, False, False, False, False, True]])
+    assert precision_at(hits, [1, 2, 5, 10])[0].tolist() == pytest.approx([1.0, 0.5, 0.6, 0.4])
+
+
+def test_class_retrieval_map():
+    """Two classes on two directions: every query ranks its class first -> mAP 1. Swapping the query labels
+    ranks the 2 positives after the 3 others: (0 + 1/4) / 2 / 2 + (1/4 + 2/5) / 2 / 2 = 0.225."""
+    db = torch.tensor([[1.0, 0], [2, 0.1], [0, 1], [0.1, 3], [0.2, 2]])
+    db_labels = torch.tensor([0, 0, 1, 1, 1])
+    queries, query_labels = torch.tensor([[1.0, 0.05]]), torch.tensor([0])
+    assert class_retrieval(queries, query_labels, db, db_labels)[0] == pytest.approx(1.0)
+    assert class_retrieval(torch.tensor([[0.05, 1.0]]), query_labels, db, db_labels)[0] == pytest.approx(0.225)
+
+
+def test_gem_is_average_pooling_at_p_1_and_max_pooling_for_large_p():
+    """GeM (Radenovic et al.) "p = 1: average pooling, p -> infinity: max pooling"."""
+    x = torch.rand(2, 16, 8) + 0.1  # (B, N, D), positive as the clamp assumes
+    assert torch.allclose(gem(x, p=1), x.mean(dim=1), atol=1e-6)
+    assert torch.allclose(gem(x.double(), p=200), x.double().amax(dim=1), rtol=0.02)
+    assert not torch.allclose(gem(x, p=4), x.amax(dim=1), rtol=0.02)
+
+
+def test_whitening_makes_the_learning_set_covariance_the_identity():
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(500, 6, generator=g) @ torch.randn(6, 6, generator=g) + 3  # correlated, off-center
+    white = Whitening(feats)(feats).double()
+    cov = (white - white.mean(0)).T @ (white - white.mean(0)) / len(white)
+    assert torch.allclose(white.mean(0), torch.zeros(6, dtype=torch.float64), atol=1e-5)
+    assert torch.allclose(cov, torch.eye(6, dtype=torch.float64), atol=1e-4)
+
+
+# --- the scripts end to end on a few tiny images ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = vit.vit_tiny(patch_size=4, depth=2)
+    path = tmp_path_factory.mktemp("ckpt") / "checkpoint.pth"
+    args = {"arch": "vit_tiny", "patch_size": 4, "depth": 2, "global_crop_size": 16}
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in model.state_dict().items()}, "args": args}, path)
+    return str(path)
+
+
+def random_images(n, size=(16, 16), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (3, *size), generator=g, dtype=torch.uint8) for _ in range(n)]
+
+
+def write_images(folder, names, images):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, image in zip(names, images):
+        write_png(image, str(folder / name))
+
+
+def test_class_retrieval_script_on_an_image_folder(tiny_checkpoint, tmp_path):
+    for seed, (split, c, n) in enumerate([("train", "a", 3), ("train", "b", 3), ("val", "a", 2), ("val", "b", 2)]):
+        write_images(tmp_path / split / c, [f"{i}.png" for i in range(n)], random_images(n, seed=seed))
+    out = tmp_path / "results.json"
+    results = eval_image_retrieval.main(["--pretrained_weights", tiny_checkpoint, "--data_path", str(tmp_path),
+                                         "--baselines", "true", "--output_json", str(out), "--multiscale", "true"])
+    assert list(results) == [f"DINO ({tiny_checkpoint})", "random init", "raw pixels"]
+    for row in results.values():
+        assert list(row) == ["mAP", "mP@1", "mP@5", "mP@10"] and all(0 <= v <= 1 for v in row.values())
+    assert json.loads(out.read_text())["results"] == results
+
+
+def write_revisited(root, gnd_extra=None):
+    """A 4-image database; query 0 is an exact copy of database image 1, its only hard positive."""
+    folder = root / "roxford5k"
+    images = random_images(5, size=(20, 28))
+    write_images(folder / "jpg", ["a.png", "b.png", "c.png", "d.png", "q.png"], images)
+    for name in "abcdq":  # the protocol's file names end in .jpg; PNG content decodes all the same
+        (folder / "jpg" / f"{name}.png").rename(folder / "jpg" / f"{name}.jpg")
+    (folder / "jpg" / "q2.jpg").write_bytes((folder / "jpg" / "b.jpg").read_bytes())
+    gnd = [{"easy": [0], "hard": [1], "junk": [2]}, {"easy": np.array([3]), "hard": np.array([], dtype=int),
+                                                     "junk": np.array([0])}]
+    cfg = {"imlist": ["a", "b", "c", "d"], "qimlist": ["q2", "q"], "gnd": gnd} | (gnd_extra or {})
+    with open(folder / "gnd_roxford5k.pkl", "wb") as f:
+        pickle.dump(cfg, f)
+
+
+def test_revisited_oxford_script(tiny_checkpoint, tmp_path):
+    """Query 0 is database image 1 itself: ranked first, so its Hard AP is 1; query 1 has no hard positive and is
+    left out of the Hard means, so mAP_hard = mP@1_hard = 1."""
+    write_revisited(tmp_path)
+    results = eval_image_retrieval.main(["--pretrained_weights", tiny_checkpoint, "--data_path", str(tmp_path),
+                                         "--dataset", "roxford5k", "--imsize", "24"])
+    row = results[f"DINO ({tiny_checkpoint})"]
+    assert row["mAP_hard"] == pytest.approx(1.0) and row["mP@1_hard"] == pytest.approx(1.0)
+    assert 0 < row["mAP_medium"] <= 1
+
+
+def test_ground_truth_pickles_may_not_run_code(tiny_checkpoint, tmp_path):
+    """The .pkl files are read with Python's pickle, admitting only plain values and numpy arrays."""
+    (tmp_path / "roxford5k").mkdir()
+    with open(tmp_path / "roxford5k" / "gnd_roxford5k.pkl", "wb") as f:
+        pickle.dump({"imlist": [], "qimlist": [], "gnd": [], "x": torch.nn.Identity}, f)
+    with pytest.raises(ConfigError, match="not a revisited"):
+        eval_image_retrieval.main(["--pretrained_weights", tiny_checkpoint, "--data_path", str(tmp_path),
+                                   "--dataset", "roxford5k"])
+
+
+def test_copy_detection_script_on_a_generated_set(tiny_checkpoint, tmp_path):
+    for c in ("a", "b"):
+        write_images(tmp_path / "train" / c, [f"{i}.png" for i in range(3)], random_images(3, seed=ord(c)))
+        write_images(tmp_path / "val" / c, [f"{i}.png" for i in range(4)], random_images(4, seed=ord(c) + 1))
+    results = eval_copy_detection.main(["--pretrained_weights", tiny_checkpoint, "--data_path", str(tmp_path),
+                                        "--num_queries", "3", "--num_whitening", "6", "--baselines", "true",
+                                        "--save_examples", str(tmp_path / "examples.png")])
+    assert list(results) == [f"DINO ({tiny_checkpoint})", "random init", "raw pixels"]
+    assert (tmp_path / "examples.png").stat().st_size > 0
+    for row in results.values():
+        assert len(row) == 4 and all(0 <= v <= 1 for v in row.values())
+
+
+def test_copydays_layout_originals_find_themselves(tiny_checkpoint, tmp_path):
+    """The "original" block queries the originals themselves: each is its own nearest neighbour, AP 1."""
+    originals = random_images(3, size=(24, 30))
+    write_images(tmp_path / "original", ["1000.png", "1100.png", "1200.png"], originals)
+    write_images(tmp_path / "strong", ["1000a.png", "1000b.png", "1200a.png"],
+                 [o.flip(-1) for o in (originals[0], originals[0], originals[2])])
+    write_images(tmp_path / "distractors", ["x.png", "y.png"], random_images(2, seed=5))
+    results = eval_copy_detection.main(["--pretrained_weights", tiny_checkpoint, "--data_path", str(tmp_path),
+                                        "--distractors_path", str(tmp_path / "distractors"), "--imsize", "16",
+                                        "--whitening_path", str(tmp_path / "distractors")])
+    row = results[f"DINO ({tiny_checkpoint})"]
+    assert row["original mAP"] == pytest.approx(1.0) and row["original top-1"] == 1.0
+    assert set(row) == {f"{b} {m}" for b in ("original", "strong") for m in
+                        ("mAP", "top-1", "mAP whitened", "top-1 whitened")}
+
+
+def test_bad_input_is_one_line_error(tiny_checkpoint, tmp_path):
+    with pytest.raises(ConfigError, match="gnd_rparis6k.pkl does not exist"):
+        eval_image_retrieval.main(["--pretrained_weights", tiny_checkpoint, "--data_path", str(tmp_path),
+                                   "--dataset", "rparis6k"])
+    with pytest.raises(ConfigError, match="neither a folder nor a known dataset"):
+        eval_copy_detection.main(["--pretrained_weights", tiny_checkpoint, "--data_path", str(tmp_path / "nope")])
