@@ -60,7 +60,7 @@ def get_args_parser():
                    help="images per step (train.py's --batch_size_per_gpu)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="as train.py")
     p.add_argument("--compile", default="off", choices=["off", "on", "both"], help="torch.compile the backbones")
-    p.add_argument("--device", default=None, help="cuda or cpu; None: cuda when available")
+    p.add_argument("--device", type=cli.device, default=None, help="cuda or cpu; None: cuda when available")
     # Data
     p.add_argument("--data_dir", default=None, help="an ImageFolder; synthetic JPEGs are written there when it "
                    "holds no images; None: a temporary folder, removed at the end")

@@ -14,6 +14,8 @@ import argparse
 import os
 import sys
 
+import torch
+
 
 class ConfigError(Exception):
     """A problem with the user's input or environment (flags, files, disk): reported as one line, exit code 2."""
@@ -81,3 +83,14 @@ def existing_dir(path):
         raise argparse.ArgumentTypeError(f"{path} is not a folder" + (" (it does not exist)"
                                                                       if not os.path.exists(path) else ""))
     return path
+
+
+def device(name):
+    """A torch device that this machine has: 'cpu', 'cuda', 'cuda:1'..."""
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected a device such as cpu or cuda, got {name!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{name}: no CUDA GPU is available here (use cpu)")
+    return name

@@ -75,7 +75,7 @@ def main(argv=None):
     p.add_argument("--temperature", type=cli.positive_float, default=0.07, help="T of the vote weights exp(sim / T)")
     p.add_argument("--batch_size", type=cli.positive_int, default=256)
     p.add_argument("--num_workers", type=cli.nonneg_int, default=4)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=cli.device, default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     backbone, saved = checkpoint.load_backbone(args.pretrained_weights, args.arch, args.patch_size,

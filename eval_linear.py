@@ -138,7 +138,7 @@ def get_args_parser():
                    help="crop size (default: the checkpoint's global crop size, else the dataset's)")
     p.add_argument("--subset", type=cli.nonneg_int, default=0, help="use only the first N images of each split")
     p.add_argument("--num_workers", type=cli.nonneg_int, default=4)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=cli.device, default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 
 

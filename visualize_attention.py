@@ -168,7 +168,7 @@ def get_args_parser():
     p.add_argument("--output_dir", default="attention")
     p.add_argument("--foreground_share", action="store_true", help="measure instead the share of attention on "
                    "foreground patches of --num_images Fashion-MNIST test images, trained vs random init")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=cli.device, default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 
 
