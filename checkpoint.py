@@ -227,7 +227,7 @@ def check_resumable(ckpt, args, world_size):
     epoch, the batch per process and the number of processes (the steps already done are counted in batches)."""
     saved = dict(ckpt.get("args", {}), world_size=ckpt.get("world_size", 1))
     now = dict(vars(args), world_size=world_size)
-    keys = ["arch", "patch_size", "depth", "out_dim", "use_bn_in_head", "local_crops_number"]
+    keys = ["arch", "patch_size", "depth", "out_dim", "head_hidden_dim", "use_bn_in_head", "local_crops_number"]
     keys += ["batch_size_per_gpu", "world_size"] if ckpt.get("iteration") else []
     diff = [f"{k}: checkpoint {saved[k]!r}, now {now[k]!r}" for k in keys if k in saved and saved[k] != now[k]]
     if diff:

@@ -33,10 +33,11 @@ from loss import DINOLoss, collapse_warning
 PRESETS = {
     # NOTE: tuned so that `python train.py` on a 2-core CPU takes < 10 minutes (1 epoch) and improves k-NN: a
     # sharper teacher (0.02) than the paper's 0.04, which left the targets near uniform in such short runs, a faster
-    # teacher (momentum 0.99), blur sigma scaled down for 28 px images, and batch 32 (lr 0.004 per 256, i.e. 5e-4
-    # per step): twice the steps of batch 64 for the same compute. See docs/tuning.md.
-    "fashion_mnist": dict(arch="vit_tiny", depth=4, patch_size=7, out_dim=1024, global_crop_size=28,
-                          local_crop_size=14, local_crops_number=4, global_crops_scale=(0.4, 1.0),
+    # teacher (momentum 0.99), blur sigma scaled down for 28 px images, batch 32 (lr 0.004 per 256, i.e. 5e-4 per
+    # step): twice the steps of batch 64 for the same compute, and a head MLP of width 1024 (paper: 2048), which
+    # takes a sixth off the step. See docs/tuning.md.
+    "fashion_mnist": dict(arch="vit_tiny", depth=4, patch_size=7, out_dim=1024, head_hidden_dim=1024,
+                          global_crop_size=28, local_crop_size=14, local_crops_number=4, global_crops_scale=(0.4, 1.0),
                           local_crops_scale=(0.1, 0.4), blur_sigma=(0.1, 0.5), batch_size_per_gpu=32, epochs=1,
                           warmup_epochs=0.15, lr=0.004, warmup_teacher_temp=0.02, teacher_temp=0.02,
                           momentum_teacher=0.99, drop_path_rate=0.0, freeze_last_layer=0, num_workers=1,
@@ -69,8 +70,7 @@ def get_args_parser():
                    "gets no update (official: doing so in the first epoch helps training)")
     g.add_argument("--lr", type=nonnegf, default=0.0005, help="peak lr for a total batch of 256, scaled linearly "
                    "with the total batch (Sec. 3.2: lr = 0.0005 * batchsize / 256)")
-    g.add_argument("--warmup_epochs", type=nonnegf, default=10, help="epochs of linear lr warm-up (Sec. 3.2: 10; "
-                   "a fraction is allowed)")
+    g.add_argument("--warmup_epochs", type=nonnegf, default=10, help="epochs of linear lr warm-up (Sec. 3.2: 10)")
     g.add_argument("--min_lr", type=nonnegf, default=1e-6, help="lr at the end of the cosine schedule (Sec. 3.2)")
     g.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"], help="Sec. 3.2: AdamW")
     g.add_argument("--compile", action="store_true", help="torch.compile the backbones")
@@ -78,8 +78,7 @@ def get_args_parser():
     g.add_argument("--global_crops_scale", type=unit, nargs=2, default=(0.4, 1.0), help="area range of the 2 "
                    "global crops, a share of the image (a wider range such as 0.14 1 without local crops)")
     g.add_argument("--local_crops_number", type=nonneg, default=8, help="number of local crops; 0: no multi-crop")
-    g.add_argument("--local_crops_scale", type=unit, nargs=2, default=(0.05, 0.4), help="area range of the local "
-                   "crops")
+    g.add_argument("--local_crops_scale", type=unit, nargs=2, default=(0.05, 0.4), help="area range of local crops")
     g.add_argument("--global_crop_size", type=pos, default=224, help="side of the global crops (paper: 224)")
     g.add_argument("--local_crop_size", type=pos, default=96, help="side of the local crops (paper: 96)")
     g.add_argument("--blur_sigma", type=cli.positive_float, nargs=2, default=(0.1, 2.0),
@@ -100,7 +99,7 @@ def get_args_parser():
     g.add_argument("--subset", type=nonneg, default=0, help="use only the first N images of each split")
     g.add_argument("--seed", type=nonneg, default=0)
     g.add_argument("--num_workers", type=nonneg, default=10, help="DataLoader workers per process")
-    g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    g.add_argument("--device", type=cli.device, default=None, help="cuda or cpu (default: cuda when available)")
     return p
 
 
@@ -112,18 +111,21 @@ def add_model_args(g):
     g.add_argument("--depth", type=pos, default=None, help="number of blocks (default: the arch's 12)")
     g.add_argument("--out_dim", type=pos, default=65536, help="K, the head's output width (large values such as "
                    "65536 work well on large datasets)")
+    g.add_argument("--head_hidden_dim", type=pos, default=2048, help="width of the head's MLP (paper: 2048)")
     g.add_argument("--norm_last_layer", type=cli.bool_flag, default=True, help="fix the norm of the head's last "
                    "layer at 1: more stable; false can be better (official: false for vit_small, true for vit_base)")
     g.add_argument("--use_bn_in_head", type=cli.bool_flag, default=False, help="BatchNorm in the head's MLP "
                    "(the paper's ViT models use none: the whole system is BN-free)")
     g.add_argument("--momentum_teacher", type=cli.unit_float, default=0.996, help="base EMA momentum lambda of "
                    "the teacher, raised to 1 on a cosine schedule (Sec. 3.1 'Teacher network')")
-    g.add_argument("--drop_path_rate", type=cli.unit_float, default=0.1, help="stochastic depth of the student; "
-                   "the teacher has none")
+    g.add_argument("--drop_path_rate", type=cli.unit_float, default=0.1, help="stochastic depth of the student")
     g.add_argument("--warmup_teacher_temp", type=posf, default=0.04, help="tau_t at the start of its linear "
                    "warm-up (Sec. 3.1 'Avoiding collapse': sharpening); lower it if the loss does not fall")
     g.add_argument("--teacher_temp", type=posf, default=0.04, help="tau_t after the warm-up (Sec. 3.2: 0.04 to "
-                   "0.07 over the first 30 epochs; above 0.07 training is unstable)")
+                   "0.07 over the first 30 epochs; above 0.07 training is unstable). Both temperatures at the "
+                   "student's 0.1 switch sharpening off: the output collapses to uniform (Sec. 5.3, Fig. 7)")
+    g.add_argument("--center_momentum", type=cli.unit_float, default=0.9, help="m of the center's EMA (Eq. 4); "
+                   "1 switches centering off, the center stays 0: one dimension dominates (Sec. 5.3, Fig. 7)")
     g.add_argument("--warmup_teacher_temp_epochs", type=cli.nonneg_int, default=0,
                    help="epochs of the linear warm-up of tau_t (paper: 30)")
 
@@ -188,9 +190,11 @@ def build_training(args, device, world_size=1, distributed=False, niter=1):
     """The student and the teacher (starting equal), the loss, the optimizer and the per-iteration schedules."""
     vit = lambda drop_path: checkpoint.build_vit(args.arch, args.patch_size, args.depth, drop_path)
     student, teacher = vit(args.drop_path_rate), vit(0.0)
-    student = MultiCropWrapper(student, DINOHead(student.embed_dim, args.out_dim, args.use_bn_in_head,
-                                                 args.norm_last_layer)).to(device)
-    teacher = MultiCropWrapper(teacher, DINOHead(teacher.embed_dim, args.out_dim, args.use_bn_in_head)).to(device)
+    head = lambda norm_last_layer: DINOHead(width, args.out_dim, args.use_bn_in_head, norm_last_layer,
+                                            hidden_dim=args.head_hidden_dim)
+    width = student.embed_dim
+    student = MultiCropWrapper(student, head(args.norm_last_layer)).to(device)
+    teacher = MultiCropWrapper(teacher, head(True)).to(device)  # no gradient reaches it anyway
     if distributed and args.use_bn_in_head:
         student, teacher = map(nn.SyncBatchNorm.convert_sync_batchnorm, (student, teacher))
     student_ddp = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda"
@@ -201,9 +205,10 @@ def build_training(args, device, world_size=1, distributed=False, niter=1):
         student.backbone.compile()
         teacher.backbone.compile()
     dino_loss = DINOLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp, args.teacher_temp,
-                         args.warmup_teacher_temp_epochs, args.epochs).to(device)
-    optimizer = (torch.optim.AdamW(param_groups(student), **({"fused": True} if device.type == "cuda" else {}))
-                 if args.optimizer == "adamw" else torch.optim.SGD(param_groups(student), lr=0, momentum=0.9))
+                         args.warmup_teacher_temp_epochs, args.epochs, center_momentum=args.center_momentum).to(device)
+    # fused AdamW: one kernel for all parameters, on the GPU and on the CPU (torch >= 2.4)
+    optimizer = (torch.optim.AdamW(param_groups(student), fused=True) if args.optimizer == "adamw"
+                 else torch.optim.SGD(param_groups(student), lr=0, momentum=0.9))
     # linear scaling rule (Sec. 3.1): lr = base lr * total batch / 256
     lr = cosine_scheduler(args.lr * args.batch_size_per_gpu * world_size / 256, args.min_lr, args.epochs, niter,
                           args.warmup_epochs)
@@ -269,7 +274,7 @@ def train_step(t, crops, params, epoch, step):
                 p.grad = None
     t.scaler.step(t.optimizer)
     t.scaler.update()
-    ema_update(t.teacher, unwrap(t.student), t.momentum[step])
+    ema_update(t.teacher, getattr(t.student, "module", t.student), t.momentum[step])  # DDP unwrapped
     return loss
 
 
@@ -335,10 +340,6 @@ def epoch_stats(t, totals, niter, step, images_per_s):
             "images_per_s": round(images_per_s, 1)}
 
 
-def unwrap(model):
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 def log(out, stats, message=None):
     with open(out / "log.txt", "a") as f:
         f.write(json.dumps(stats) + "\n")
@@ -367,8 +368,8 @@ def main(argv=None):
     t = build_training(args, device, world_size, cpu_group is not None, len(loader))
 
     # resume: at an epoch's end, or inside one (its first `start_it` steps done, their sums in `totals`)
-    state = dict(student=unwrap(t.student), teacher=t.teacher, optimizer=t.optimizer, scaler=t.scaler,
-                 dino_loss=t.dino_loss)
+    state = dict(student=getattr(t.student, "module", t.student), teacher=t.teacher, optimizer=t.optimizer,
+                 scaler=t.scaler, dino_loss=t.dino_loss)
     start_epoch, start_it, saved = checkpoint.resume(out / "checkpoint.pth", state, args, rank, world_size, device)
     totals = saved and EpochTotals(*(saved[k].to(device) for k in ("loss", "teacher_entropy", "nonfinite")),
                                    saved["skipped"])

@@ -86,3 +86,60 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_p
     with pytest.raises(SystemExit, match="loss is nan"):
         train.main(TINY + ["--epochs", "2", "--knn_every", "0", "--output_dir", str(tmp_path)])
     assert (tmp_path / "checkpoint.pth").read_bytes() == before
+
+
+# --- Algorithm 1's wiring, on one step of random crops (no data loading) ------------------------------------
+def one_step_training(*flags):
+    args = train.parse_args(TINY + ["--device", "cpu", "--precision", "fp32", *flags])
+    torch.manual_seed(0)
+    return args, train.build_training(args, torch.device("cpu"), niter=4)
+
+
+def random_batch(args, batch=4, seed=0):
+    """A loader batch as data.training_loader gives it: V uint8 crop batches and (B, V, P) photometric draws."""
+    from augment import DataAugmentationDINO
+    g = torch.Generator().manual_seed(seed)
+    aug = DataAugmentationDINO(local_crops_number=args.local_crops_number, global_crop_size=args.global_crop_size,
+                               local_crop_size=args.local_crop_size)
+    sizes = [args.global_crop_size] * 2 + [args.local_crop_size] * args.local_crops_number
+    crops = [torch.randint(0, 256, (batch, 3, s, s), dtype=torch.uint8, generator=g) for s in sizes]
+    return crops, torch.stack([aug.draw_params(g) for _ in range(batch)])
+
+
+def test_teacher_sees_only_the_two_global_crops_and_the_student_all():
+    """Alg. 1: "t1, t2 = gt(x1), gt(x2)" for the teacher, "s1, s2 = gs(x1), gs(x2)" for the student; Sec. 3.1:
+    "all crops are passed through the student while only the global views are passed through the teacher"."""
+    args, t = one_step_training()
+    seen = {"teacher": [], "student": []}
+    for name in seen:
+        backbone = getattr(t, name).backbone
+        backbone.register_forward_pre_hook(lambda m, inputs, name=name: seen[name].append(tuple(inputs[0].shape)))
+    train.train_step(t, *random_batch(args, batch=4), epoch=0, step=0)
+    assert seen["teacher"] == [(2 * 4, 3, 28, 28)]  # the 2 global crops of 4 images, one pass
+    assert seen["student"] == [(2 * 4, 3, 28, 28), (2 * 4, 3, 14, 14)]  # and the 2 local crops, one pass each size
+
+
+def test_last_layer_gets_no_update_during_freeze_last_layer_epochs():
+    """Appendix / official code: the head's last layer is kept fixed in the first --freeze_last_layer epochs,
+    which helps training start; the rest of the student learns from the first step."""
+    args, t = one_step_training("--freeze_last_layer", "1", "--norm_last_layer", "false")
+    before = {k: v.clone() for k, v in t.student.state_dict().items()}
+    train.train_step(t, *random_batch(args), epoch=0, step=0)
+    after = t.student.state_dict()
+    frozen = [k for k in before if "last_layer" in k]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert not torch.equal(before["backbone.blocks.0.attn.qkv.weight"], after["backbone.blocks.0.attn.qkv.weight"])
+    train.train_step(t, *random_batch(args, seed=1), epoch=1, step=1)  # epoch 1: unfrozen
+    assert not torch.equal(before["head.last_layer.weight_v"], t.student.state_dict()["head.last_layer.weight_v"])
+
+
+@pytest.mark.parametrize("batch, world_size", [(32, 1), (16, 4)])
+def test_lr_follows_the_linear_scaling_rule(batch, world_size):
+    """Sec. 3.2: "the learning rate is linearly ramped up during the first 10 epochs to its base value determined
+    with the following linear scaling rule: lr = 0.0005 * batchsize / 256", batchsize over all processes."""
+    args = train.parse_args(TINY + ["--batch_size_per_gpu", str(batch), "--lr", "0.0005", "--warmup_epochs", "1",
+                                     "--epochs", "3", "--device", "cpu"])
+    t = train.build_training(args, torch.device("cpu"), world_size=world_size, niter=10)
+    assert len(t.lr) == 30 and t.lr.max() == pytest.approx(0.0005 * batch * world_size / 256)
+    train.train_step(t, *random_batch(args), epoch=0, step=10)  # the step sets the optimizer's lr from it
+    assert t.optimizer.param_groups[0]["lr"] == pytest.approx(t.lr[10])

@@ -227,3 +227,21 @@ def test_no_drop_path_means_train_equals_eval():
         out_eval = model.eval()(x)
         out_train = model.train()(x)
     torch.testing.assert_close(out_eval, out_train, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("grid", [5, 9, 20])
+def test_interpolated_pos_embed_equals_the_official_numerics(grid):
+    """The official interpolate_pos_encoding resizes the trained grid bicubically with scale_factor
+    (new + 0.1) / old, not with the target size: the two sample the grid at different positions, and features
+    of official weights at other resolutions match only with the former. Written here from its description."""
+    torch.manual_seed(0)
+    model = vit.vit_tiny(patch_size=16, depth=1)
+    side, dim = 14, model.embed_dim
+    patch_pos = model.pos_embed[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2)  # (1, D, 14, 14)
+    with torch.no_grad():
+        official = F.interpolate(patch_pos, scale_factor=((grid + 0.1) / side, (grid + 0.1) / side), mode="bicubic")
+        ours = model.interpolate_pos_encoding(grid, grid)
+        by_size = F.interpolate(patch_pos, size=(grid, grid), mode="bicubic")
+    official = official.permute(0, 2, 3, 1).reshape(1, grid * grid, dim)  # (1, N, D)
+    torch.testing.assert_close(ours[:, 1:], official, atol=0, rtol=0)
+    assert not torch.allclose(by_size.permute(0, 2, 3, 1).reshape(1, grid * grid, dim), official, atol=1e-4)
