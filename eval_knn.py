@@ -9,6 +9,8 @@ neighbour j weighing exp(sim_j / T); the class with the largest summed weight wi
 
 Shape letters: N train images, M test images, D feature width, C classes.
 """
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -74,7 +76,7 @@ def main(argv=None):
                    help="numbers of neighbours (paper: 20)")
     p.add_argument("--temperature", type=cli.positive_float, default=0.07, help="T of the vote weights exp(sim / T)")
     p.add_argument("--batch_size", type=cli.positive_int, default=256)
-    p.add_argument("--num_workers", type=cli.nonneg_int, default=4)
+    p.add_argument("--num_workers", type=cli.nonneg_int, default=min(4, os.cpu_count() or 1))
     p.add_argument("--device", type=cli.device, default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     device = torch.device(args.device)

@@ -14,6 +14,8 @@ evaluation view once and trains on them without augmentation: the same probe in 
 
 Shape letters: B images, N patches, D backbone width, F = D * (n_last_blocks + avgpool) feature width, C classes.
 """
+import os
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -137,7 +139,7 @@ def get_args_parser():
     p.add_argument("--image_size", type=cli.positive_int, default=None,
                    help="crop size (default: the checkpoint's global crop size, else the dataset's)")
     p.add_argument("--subset", type=cli.nonneg_int, default=0, help="use only the first N images of each split")
-    p.add_argument("--num_workers", type=cli.nonneg_int, default=4)
+    p.add_argument("--num_workers", type=cli.nonneg_int, default=min(4, os.cpu_count() or 1))
     p.add_argument("--device", type=cli.device, default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 
