@@ -330,7 +330,11 @@ def find_videos(args):
         raise ConfigError(f"{root} is not a DAVIS root (it has no {video_list.relative_to(root)}): for a folder of "
                           f"frames, give the first frame's mask with --first_mask")
     # a plain folder: the masks next to --first_mask are the ground truth when there is one for every frame
-    return [(root.name, list_frames(root), Path(args.first_mask), Path(args.first_mask).parent)]
+    first_mask = Path(args.first_mask)
+    frames = [f for f in list_frames(root) if f.resolve() != first_mask.resolve()]  # the mask is no frame
+    if not frames:
+        raise ConfigError(f"no frames in {root} besides the mask {first_mask}")
+    return [(root.name, frames, first_mask, first_mask.parent)]
 
 
 def evaluate_video(model, name, frame_paths, first_mask, gt_dir, args):
