@@ -55,11 +55,12 @@ def get_args(argv=None):
     p.add_argument("--output_dir", default="collapse_study", help="one train.py output folder per setting "
                    "(emptied first), results.json and the figure")
     p.add_argument("--figure", default=None, help="where to write the PNG (default: OUTPUT_DIR/collapse_fig7.png)")
+    p.add_argument("--plot_only", action="store_true", help="train nothing: redraw from the logs in OUTPUT_DIR")
     return p.parse_known_args(argv)
 
 
 def run_setting(args, flags, out):
-    """Train one setting in a fresh folder with train.py (a subprocess): its log rows and the args it ran with."""
+    """Train one setting in a fresh folder with train.py, as a subprocess (a script never imports another)."""
     shutil.rmtree(out, ignore_errors=True)  # train.py would otherwise resume an old run
     command = [sys.executable, "train.py", "--data_path", args.data_path, "--subset", str(args.subset),
                "--epochs", str(args.epochs), "--warmup_epochs", str(args.warmup_epochs),
@@ -67,6 +68,12 @@ def run_setting(args, flags, out):
     print(" ".join(command[1:]), flush=True)
     if subprocess.run(command, cwd=ROOT).returncode:
         raise cli.ConfigError(f"train.py failed for {out.name} (its message is above)")
+
+
+def read_run(out):
+    """A finished run's log rows and the args train.py ran with."""
+    if not (out / "log.txt").is_file():
+        raise cli.ConfigError(f"no {out / 'log.txt'}: run without --plot_only first")
     rows = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     return rows, checkpoint.load_state_dict(out / "checkpoint.pth")["args"]
 
@@ -81,7 +88,8 @@ def summarize(rows, train_args):
             "kl_teacher_student": [r["kl_teacher_student"] for r in epochs],
             "final_teacher_entropy": epochs[-1]["teacher_entropy"], "final_kl": epochs[-1]["kl_teacher_student"],
             "ln_k": math.log(train_args["out_dim"]),
-            "knn_before": knn[0] if len(knn) > 1 else None, "knn_after": knn[-1] if knn else None}
+            "knn_before": knn[0] if len(knn) > 1 else None, "knn_after": knn[-1] if knn else None,
+            "train_time_s": round(sum(r["epoch_time_s"] for r in epochs), 1)}
 
 
 # --- the figure: PIL only ------------------------------------------------------------------------------------
@@ -148,11 +156,11 @@ def plot_curves(curves, ln_k, path, size=(960, 400)):
 
 # --- the study ------------------------------------------------------------------------------------------------
 def print_table(results):
-    print(f"\n{'setting':<34} {'entropy':>8} {'/ ln K':>7} {'KL':>7}   k-NN top-1 before -> after")
+    print(f"\n{'setting':<34} {'entropy':>8} {'/ ln K':>7} {'KL':>7} {'train s':>8}   k-NN top-1 before -> after")
     for name, r in results.items():
         knn = f"{r['knn_before']:.2f} -> {r['knn_after']:.2f}" if r["knn_before"] is not None else "-"
         print(f"{SETTINGS[name][0]:<34} {r['final_teacher_entropy']:8.3f} "
-              f"{r['final_teacher_entropy'] / r['ln_k']:7.3f} {r['final_kl']:7.3f}   {knn}")
+              f"{r['final_teacher_entropy'] / r['ln_k']:7.3f} {r['final_kl']:7.3f} {r['train_time_s']:8.0f}   {knn}")
 
 
 def main(argv=None):
@@ -162,13 +170,16 @@ def main(argv=None):
     results, t0 = {}, time.time()
     for name in args.settings:
         start = time.time()
-        rows, train_args = run_setting(args, train_flags + SETTINGS[name][1], out / name)
-        results[name] = dict(summarize(rows, train_args), time_s=round(time.time() - start, 1))
+        if not args.plot_only:
+            run_setting(args, train_flags + SETTINGS[name][1], out / name)
+        results[name] = summarize(*read_run(out / name))
+        if not args.plot_only:  # train.py's start-up and k-NN included
+            results[name]["wall_time_s"] = round(time.time() - start, 1)
     figure = args.figure or out / "collapse_fig7.png"
     plot_curves({SETTINGS[name][0]: r for name, r in results.items()}, next(iter(results.values()))["ln_k"], figure)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     print_table(results)
-    print(f"\n{len(results)} runs in {time.time() - t0:.0f} s; figure: {figure}, figures: {out / 'results.json'}")
+    print(f"\n{len(results)} settings, {time.time() - t0:.0f} s; figure: {figure}, figures: {out / 'results.json'}")
 
 
 if __name__ == "__main__":

@@ -61,8 +61,9 @@ def test_plot_curves_writes_a_png_of_the_asked_size(tmp_path):
 
 def test_summarize_puts_each_epoch_at_its_last_step():
     rows = [{"epoch": -1, "knn_top1": 50.0},
-            {"epoch": 0, "teacher_entropy": 2.0, "kl_teacher_student": 1.0},
-            {"epoch": 1, "teacher_entropy": 1.5, "kl_teacher_student": 0.5, "knn_top1": 60.0}]
+            {"epoch": 0, "teacher_entropy": 2.0, "kl_teacher_student": 1.0, "epoch_time_s": 2.0},
+            {"epoch": 1, "teacher_entropy": 1.5, "kl_teacher_student": 0.5, "knn_top1": 60.0, "epoch_time_s": 3.0}]
     r = collapse_study.summarize(rows, {"subset": 256, "batch_size_per_gpu": 32, "out_dim": K})
     assert r["steps"] == [8, 16] and r["final_teacher_entropy"] == 1.5 and r["final_kl"] == 0.5
     assert (r["knn_before"], r["knn_after"]) == (50.0, 60.0) and r["ln_k"] == pytest.approx(math.log(K))
+    assert r["train_time_s"] == 5.0
