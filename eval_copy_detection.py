@@ -20,12 +20,13 @@ Two sets:
 
 Shape letters: Q queries, N database images, D feature width, S image side.
 """
+import io
 import math
 import os
 
 import torch
-from torchvision.io import decode_jpeg, encode_jpeg, write_png
-from torchvision.utils import make_grid
+import PIL.Image
+from torchvision.utils import make_grid, save_image
 from torchvision.transforms.v2 import functional as TF
 
 import data
@@ -89,8 +90,10 @@ def blur(image, other, g):
 
 
 def jpeg(image, other, g):
-    """JPEG re-encoding at quality 10-40."""
-    return decode_jpeg(encode_jpeg(image.contiguous(), quality=torch.randint(10, 41, (), generator=g).item()))
+    """JPEG re-encoding at quality 10-40 (with PIL: torchvision.io's codecs are deprecated since torchvision 0.29)."""
+    buffer = io.BytesIO()
+    TF.to_pil_image(image).save(buffer, format="JPEG", quality=torch.randint(10, 41, (), generator=g).item())
+    return TF.pil_to_tensor(PIL.Image.open(buffer))
 
 
 EDITS = (crop_or_rotate, overlay, photometric, blur, jpeg)  # applied in this order
@@ -223,7 +226,7 @@ def save_examples(path, queries, database, ranking, positives, rows=6, top=5, ce
         cells.append(framed(queries[q][0], (255, 255, 255)))
         cells += [framed(database[j][0], (40, 200, 40) if j in positives[q] else (90, 90, 90))
                   for j in ranking[q, :top].tolist()]
-    write_png(make_grid(torch.stack(cells), nrow=top + 1, padding=4, pad_value=0), path)
+    save_image(make_grid(torch.stack(cells), nrow=top + 1, padding=4, pad_value=0) / 255, path)
     print(f"wrote {path}")
 
 

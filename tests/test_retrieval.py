@@ -6,7 +6,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from torchvision.io import write_png
+from torchvision.transforms.v2.functional import to_pil_image
 
 import eval_copy_detection
 import eval_image_retrieval
@@ -95,7 +95,7 @@ def random_images(n, size=(16, 16), seed=0):
 def write_images(folder, names, images):
     folder.mkdir(parents=True, exist_ok=True)
     for name, image in zip(names, images):
-        write_png(image, str(folder / name))
+        to_pil_image(image).save(folder / name)  # PNG, by the name's suffix
 
 
 def test_class_retrieval_script_on_an_image_folder(tiny_checkpoint, tmp_path):
