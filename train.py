@@ -329,8 +329,8 @@ def train_one_epoch(t, loader, epoch, start_it=0, totals=None, stop=None, save=N
 
 def epoch_stats(t, totals, niter, step, images_per_s):
     """The log.txt figures of an epoch, the same on every rank: mean loss and entropy, total unreadable images."""
-    figures = torch.stack([totals.loss / niter, totals.teacher_entropy / niter, torch.tensor(totals.skipped,
-                                                                                          device=t.device)])
+    figures = torch.stack([totals.loss / niter, totals.teacher_entropy / niter,
+                           torch.tensor(float(totals.skipped), device=t.device)])
     if dist.is_initialized():
         dist.all_reduce(figures)
         figures[:2] /= dist.get_world_size()
