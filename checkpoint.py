@@ -197,8 +197,9 @@ def rng_state(device):
 def checkpoint_dict(state, args, epoch, iteration, totals, device, group):
     """What a resumed run needs to continue bit for bit: the state dicts of `state` (models, optimizer, scaler,
     center), where to continue (epoch, step `iteration` of it) and, per rank, the RNG states and the running
-    totals of the epoch (a dict of CPU tensors and numbers). `args` is a plain dict: the file loads with
-    weights_only=True. Called by every rank."""
+    totals of the epoch (a dict of tensors and numbers, moved to the CPU). `args` is a plain dict: the file loads
+    with weights_only=True. Called by every rank."""
+    totals = totals and {k: v.cpu() if torch.is_tensor(v) else v for k, v in totals.items()}
     return {**{name: obj.state_dict() for name, obj in state.items()}, "epoch": epoch, "iteration": iteration,
             "args": vars(args), "world_size": dist.get_world_size() if group else 1,
             "per_rank": gather({"rng": rng_state(device), "totals": totals}, group)}
@@ -233,6 +234,14 @@ def check_resumable(ckpt, args, world_size):
     if diff:
         raise ConfigError(f"{args.output_dir}/checkpoint.pth was trained with other settings ({'; '.join(diff)}): "
                           f"use another --output_dir or the same flags")
+
+
+def log(out, stats, message=None):
+    """Append one JSON row to out/log.txt (the figures of an epoch), and print `message`."""
+    with open(out / "log.txt", "a") as f:
+        f.write(json.dumps(stats) + "\n")
+    if message:
+        print(message, flush=True)
 
 
 def trim_log(out, start_epoch):

@@ -11,7 +11,7 @@ import argparse
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -59,15 +59,13 @@ def get_args_parser():
     g = p.add_argument_group("optimization (Sec. 3.2 'Implementation details')")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU")
-    g.add_argument("--weight_decay", type=nonnegf, default=0.04, help="weight decay at the start of its cosine "
-                   "schedule (Sec. 3.2: 0.04 to 0.4); none on biases and norms")
+    g.add_argument("--weight_decay", type=nonnegf, default=0.04, help="initial weight decay (Sec. 3.2: 0.04 to 0.4)")
     g.add_argument("--weight_decay_end", type=nonnegf, default=0.4, help="final weight decay")
     g.add_argument("--clip_grad", type=nonnegf, default=3.0, help="max norm of each parameter's gradient; 0: off")
-    g.add_argument("--batch_size_per_gpu", type=pos, default=64, help="images per process (Sec. 3.2: a batch "
-                   "of 1024 on 16 GPUs; official recipe: 64 x 8 GPUs)")
+    g.add_argument("--batch_size_per_gpu", type=pos, default=64, help="images per process (Sec. 3.2: 1024 in all)")
     g.add_argument("--epochs", type=pos, default=100, help="training epochs (paper: 100 to 800)")
-    g.add_argument("--freeze_last_layer", type=nonneg, default=1, help="epochs during which the head's last layer "
-                   "gets no update (official: doing so in the first epoch helps training)")
+    g.add_argument("--freeze_last_layer", type=nonneg, default=1, help="epochs with the head's last layer fixed "
+                   "(official: fixing it in the first epoch helps training)")
     g.add_argument("--lr", type=nonnegf, default=0.0005, help="peak lr for a total batch of 256, scaled linearly "
                    "with the total batch (Sec. 3.2: lr = 0.0005 * batchsize / 256)")
     g.add_argument("--warmup_epochs", type=nonnegf, default=10, help="epochs of linear lr warm-up (Sec. 3.2: 10)")
@@ -84,17 +82,15 @@ def get_args_parser():
     g.add_argument("--blur_sigma", type=cli.positive_float, nargs=2, default=(0.1, 2.0),
                    help="range of the Gaussian blur's sigma in pixels (BYOL's, for 224 px crops)")
     g = p.add_argument_group("data, logging, checkpoints")
-    g.add_argument("--data_path", default="fashion_mnist", help=f"{', '.join(data.DATASET_NAMES)}, or an "
-                   "ImageFolder (with train/ and val/ for the k-NN)")
+    g.add_argument("--data_path", default="fashion_mnist", help=f"{', '.join(data.DATASET_NAMES)} or a folder")
     g.add_argument("--data_root", default="data", help="where named datasets are looked for / downloaded")
     g.add_argument("--output_dir", default="output")
     g.add_argument("--saveckp_freq", type=nonneg, default=20, help="keep checkpointXXXX.pth every N epochs; 0: off")
     g.add_argument("--saveckp_steps", type=nonneg, default=0,
                    help="also write checkpoint.pth every N optimizer steps (resumed inside the epoch); 0: off")
-    g.add_argument("--max_bad_fraction", type=unit, default=0.01, help="unreadable images are skipped with a "
-                   "warning; stop when more than this fraction of an epoch's images are")
-    g.add_argument("--knn_every", type=nonneg, default=10, help="k-NN top-1 (Sec. 4.1) every N epochs, and "
-                   "before and after training; 0: off")
+    g.add_argument("--max_bad_fraction", type=unit, default=0.01, help="stop when more of an epoch's images are "
+                   "unreadable (fewer are skipped with a warning)")
+    g.add_argument("--knn_every", type=nonneg, default=10, help="k-NN (Sec. 4.1) every N epochs, first, last; 0: off")
     g.add_argument("--log_every", type=pos, default=10, help="steps between progress-bar updates")
     g.add_argument("--subset", type=nonneg, default=0, help="use only the first N images of each split")
     g.add_argument("--seed", type=nonneg, default=0)
@@ -106,16 +102,13 @@ def get_args_parser():
 def add_model_args(g):
     pos, posf = cli.positive_int, cli.positive_float
     g.add_argument("--arch", default="vit_small", choices=checkpoint.ARCHS, help="the ViT backbone (Sec. 3.2)")
-    g.add_argument("--patch_size", type=pos, default=16, help="patch side in pixels; smaller patches give better "
-                   "features at a higher cost (Sec. 5.1: 8 vs 16)")
+    g.add_argument("--patch_size", type=pos, default=16, help="patch side in pixels (Sec. 5.1: 8 is better, slower)")
     g.add_argument("--depth", type=pos, default=None, help="number of blocks (default: the arch's 12)")
-    g.add_argument("--out_dim", type=pos, default=65536, help="K, the head's output width (large values such as "
-                   "65536 work well on large datasets)")
+    g.add_argument("--out_dim", type=pos, default=65536, help="K, the head's output width (65536 for ImageNet)")
     g.add_argument("--head_hidden_dim", type=pos, default=2048, help="width of the head's MLP (paper: 2048)")
     g.add_argument("--norm_last_layer", type=cli.bool_flag, default=True, help="fix the norm of the head's last "
                    "layer at 1: more stable; false can be better (official: false for vit_small, true for vit_base)")
-    g.add_argument("--use_bn_in_head", type=cli.bool_flag, default=False, help="BatchNorm in the head's MLP "
-                   "(the paper's ViT models use none: the whole system is BN-free)")
+    g.add_argument("--use_bn_in_head", type=cli.bool_flag, default=False, help="BatchNorm in the head (paper: none)")
     g.add_argument("--momentum_teacher", type=cli.unit_float, default=0.996, help="base EMA momentum lambda of "
                    "the teacher, raised to 1 on a cosine schedule (Sec. 3.1 'Teacher network')")
     g.add_argument("--drop_path_rate", type=cli.unit_float, default=0.1, help="stochastic depth of the student")
@@ -126,8 +119,7 @@ def add_model_args(g):
                    "student's 0.1 switch sharpening off: the output collapses to uniform (Sec. 5.3, Fig. 7)")
     g.add_argument("--center_momentum", type=cli.unit_float, default=0.9, help="m of the center's EMA (Eq. 4); "
                    "1 switches centering off, the center stays 0: one dimension dominates (Sec. 5.3, Fig. 7)")
-    g.add_argument("--warmup_teacher_temp_epochs", type=cli.nonneg_int, default=0,
-                   help="epochs of the linear warm-up of tau_t (paper: 30)")
+    g.add_argument("--warmup_teacher_temp_epochs", type=cli.nonneg_int, default=0, help="tau_t warm-up (paper: 30)")
 
 
 def parse_args(argv=None):
@@ -286,9 +278,6 @@ class EpochTotals:
     nonfinite: torch.Tensor  # number of steps whose loss was NaN or infinite
     skipped: int = 0  # unreadable images replaced by readable ones
 
-    def state_dict(self):
-        return {k: v.cpu() if torch.is_tensor(v) else v for k, v in vars(self).items()}
-
 
 def train_one_epoch(t, loader, epoch, start_it=0, totals=None, stop=None, save=None):
     """Steps start_it, start_it + 1, ... of an epoch, one per batch of `loader`: the epoch's stats, or
@@ -340,13 +329,6 @@ def epoch_stats(t, totals, niter, step, images_per_s):
             "images_per_s": round(images_per_s, 1)}
 
 
-def log(out, stats, message=None):
-    with open(out / "log.txt", "a") as f:
-        f.write(json.dumps(stats) + "\n")
-    if message:
-        print(message, flush=True)
-
-
 def epoch_message(stats, out_dim):
     """The epoch's line, and a warning when the loss and the teacher's entropy show a collapse (Sec. 5.3)."""
     knn = f", k-NN top-1 {stats['knn_top1']:.2f}%" if "knn_top1" in stats else ""
@@ -378,7 +360,7 @@ def main(argv=None):
         checkpoint.trim_log(out, start_epoch)
 
     def save(epoch, iteration, totals, keep=False):  # every rank calls it (RNG states are gathered); rank 0 writes
-        ckpt = checkpoint.checkpoint_dict(state, args, epoch, iteration, totals and totals.state_dict(), device,
+        ckpt = checkpoint.checkpoint_dict(state, args, epoch, iteration, totals and asdict(totals), device,
                                           cpu_group)
         if main_process:
             checkpoint.save_atomic(ckpt, out / "checkpoint.pth")
@@ -390,7 +372,7 @@ def main(argv=None):
     if knn and start_epoch == start_it == 0:
         top1 = knn()
         if main_process:
-            log(out, {"epoch": -1, "knn_top1": top1}, f"k-NN top-1 before training: {top1:.2f}%")
+            checkpoint.log(out, {"epoch": -1, "knn_top1": top1}, f"k-NN top-1 before training: {top1:.2f}%")
     with checkpoint.StopFlag(cpu_group) as stop:
         for epoch in range(start_epoch, args.epochs):
             sampler.set_epoch(epoch, start=start_it * args.batch_size_per_gpu)
@@ -404,7 +386,7 @@ def main(argv=None):
                 stats["knn_top1"] = knn()
             if main_process:  # the log row, then the checkpoint: a run killed in between drops the row on resume
                 stats = dict(stats, epoch=epoch, epoch_time_s=round(time.time() - t0, 1))
-                log(out, stats, epoch_message(stats, args.out_dim))
+                checkpoint.log(out, stats, epoch_message(stats, args.out_dim))
             save(epoch + 1, 0, None, keep=args.saveckp_freq and (epoch + 1) % args.saveckp_freq == 0)
             if stop.stopped and not last:
                 stop.report(out, epoch + 1, 0, main_process)
