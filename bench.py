@@ -2,7 +2,7 @@
 and the whole training loop, printed as a markdown table (what, images/s, peak memory, conditions).
 
 One image is 2 global + N local crops. Each figure is the median of --repeats timed windows after warm-up, with
-the device synchronized before every clock reading. The step is train.train_one_epoch itself, the loop is
+the device synchronized before every clock reading. The step is train.train_step itself, the loop is
 train.main itself; the models, loss and optimizer are built exactly as train.main builds them.
 
     python bench.py                    # GPU: ViT-S/16, 2x224 + 10x96, out_dim 65536, batch 64, bf16
@@ -44,11 +44,11 @@ OFFICIAL = [
 def get_args_parser():
     p = cli.ArgumentParser(description="DINO benchmark")
     parts = ["step", "pipeline", "loop"]
-    p.add_argument("--parts", nargs="+", default=parts, choices=parts, help="step: train_one_epoch on random "
+    p.add_argument("--parts", nargs="+", default=parts, choices=parts, help="step: train_step on random "
                    "crops; pipeline: the DataLoader over JPEGs, then the photometric ops; loop: train.main")
     p.add_argument("--official_reference", action="store_true", help="also print the official code's figures")
     # Model and step, as in train.py
-    p.add_argument("--arch", default="vit_small", choices=train.checkpoint.ARCHS)
+    p.add_argument("--arch", default="vit_small", choices=list(train.vit.ARCHS))
     p.add_argument("--patch_size", type=cli.positive_int, default=16)
     p.add_argument("--depth", type=cli.positive_int, default=None, help="number of blocks; None: the arch's 12")
     p.add_argument("--out_dim", type=cli.positive_int, default=65536)
@@ -138,7 +138,7 @@ def peak_memory(device):
 
 
 def bench_step(args, targs, device):
-    """train.train_one_epoch over one batch of random uint8 crops already on the device, seen again and again."""
+    """train.train_step over one batch of random uint8 crops already on the device, seen again and again."""
     reset_peak_memory(device)
     n = max(args.warmup, args.iters)
     t = train.build_training(targs, device, niter=n)  # as train.main builds it, with one epoch of n steps
@@ -146,8 +146,7 @@ def bench_step(args, targs, device):
     crops = [torch.randint(0, 256, (args.batch_size, 3, s, s), dtype=torch.uint8, device=device) for s in sizes]
     draws = DataAugmentationDINO(local_crops_number=args.local_crops_number)
     params = torch.stack([draws.draw_params() for _ in range(args.batch_size)])  # (B, V, P) real photometric draws
-    batch = (crops, params, torch.zeros(args.batch_size, dtype=torch.long), [""] * args.batch_size)
-    steps = lambda k: train.train_one_epoch(t, [batch] * k, 0)
+    steps = lambda k: [train.train_step(t, [(crops, params)], 0, i) for i in range(k)]
     if args.warmup:
         steps(args.warmup)
     seconds = median_seconds(lambda: steps(args.iters), device, args.repeats)
@@ -226,7 +225,7 @@ def main(argv=None):
         folder = f"{sum(1 for _ in data_dir.rglob('*.*'))} images in {data_dir}" if data_dir.is_dir() else ""
         for c in compiles if "step" in args.parts else []:
             speed, memory = bench_step(args, train.parse_args(train_args(args, data_dir, c)), device)
-            rows.append(("step (train_one_epoch)", speed, memory, f"{model} {'on' if c else 'off'}, random uint8 "
+            rows.append(("step (train_step)", speed, memory, f"{model} {'on' if c else 'off'}, random uint8 "
                          f"crops on the device (photometric ops included), {timing} x {args.iters} steps"))
         targs = train.parse_args(train_args(args, data_dir, False))
         for workers in args.num_workers if "pipeline" in args.parts else []:

@@ -1,38 +1,26 @@
 """Weights and training state on disk: safe reading, official layouts, strict loading, atomic saving, exact resume.
 
 - Every file is read with `torch.load(weights_only=True)`: a checkpoint can never run code from a pickle.
-- `load_backbone` takes one of our checkpoints, an official training checkpoint or an official pretrained
-  backbone file (dino_deitsmall16_pretrain.pth...) and loads it with strict=True, or says in one line what does
-  not fit (missing / unexpected keys, wrong shapes, which ViT the file holds).
+- `backbone_state_dict` finds the backbone in one of our checkpoints, an official training checkpoint or an
+  official pretrained backbone file (dino_deitsmall16_pretrain.pth...); `load_strict` loads it with strict=True
+  or says in one line what does not fit (missing / unexpected keys, wrong shapes, which ViT the file holds).
+  backbone.py builds the model around them.
 - Training state (`checkpoint_dict`, `resume`) holds what a resumed run needs to continue bit for bit, inside an
   epoch too: models, optimizer, scaler, center, RNG states and running sums of every rank. It is written
-  atomically (`save_atomic`), and `StopFlag` turns SIGTERM / SIGINT into "checkpoint after this step and exit".
+  atomically (`save_atomic`); `check_resumable` refuses a checkpoint that the current flags cannot continue.
 """
 import argparse
-import json
 import os
-import signal
+import pickle
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-import vit
 from cli import ConfigError
 
-ARCHS = ("vit_tiny", "vit_small", "vit_base")
 
-
-# --- models and weights ----------------------------------------------------------------------------------
-def build_vit(arch, patch_size, depth=None, drop_path_rate=0.0):
-    """A randomly initialized ViT of the official family (vit.py) by name."""
-    if arch not in ARCHS:
-        raise ConfigError(f"unknown arch {arch!r}: this code has vit_tiny, vit_small and vit_base")
-    kw = {"drop_path_rate": drop_path_rate} | ({"depth": depth} if depth else {})
-    return getattr(vit, arch)(patch_size=patch_size, **kw)
-
-
-
+# --- reading weights -------------------------------------------------------------------------------------
 def load_state_dict(path):
     """What `path` holds, read with weights_only=True: a checkpoint can never run code from a pickle.
 
@@ -44,8 +32,12 @@ def load_state_dict(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        reason = " ".join(str(e).split())[:300]  # one line
-        raise ConfigError(f"cannot read {path} as a safe torch checkpoint ({type(e).__name__}: {reason})") from None
+        # torch's own message is pages long and advises weights_only=False, which no flag here allows
+        reason = ("it holds Python objects other than tensors and plain values (such a file could run code)"
+                  if isinstance(e, pickle.UnpicklingError) and "weights_only" in str(e)
+                  else f"it is not a file written by torch.save ({type(e).__name__})")
+        raise ConfigError(f"cannot read {path} as a safe torch checkpoint: {reason}; expected train.py's "
+                          f"checkpoint.pth, an official training checkpoint or an official backbone file") from None
 
 
 def backbone_state_dict(ckpt, key="teacher"):
@@ -87,76 +79,6 @@ def load_strict(model, state_dict, what):
     model.load_state_dict(state_dict)
 
 
-def load_backbone(path, arch=None, patch_size=None, key="teacher"):
-    """(ViT with the weights of `path`, the training args saved with them as a dict, {} for a backbone file).
-
-    `path` is one of our checkpoints, an official training checkpoint or an official pretrained backbone file;
-    arch, patch_size and depth default to the checkpoint's args, else the official vit_small with patch 16.
-    """
-    ckpt = load_state_dict(path)
-    state_dict = backbone_state_dict(ckpt, key)
-    saved = ckpt.get("args", {})
-    saved = vars(saved) if isinstance(saved, argparse.Namespace) else dict(saved)  # official: a Namespace
-    model = build_vit(arch or saved.get("arch", "vit_small"), patch_size or saved.get("patch_size", 16),
-                      saved.get("depth"))
-    load_strict(model, state_dict, f"{path} ({key})" if isinstance(ckpt.get(key), dict) else str(path))
-    return model, saved
-
-
-# --- stopping on a signal, and the ranks' states -----------------------------------------------------------
-def gather(obj, group):
-    """[obj of rank 0, obj of rank 1, ...] on every rank; [obj] for one process."""
-    if group is None:
-        return [obj]
-    objs = [None] * dist.get_world_size()
-    dist.all_gather_object(objs, obj, group=group)
-    return objs
-
-
-class StopFlag:
-    """`with StopFlag(group) as stop:` turns SIGTERM and SIGINT (a cluster's preemption notice, Ctrl-C) into a
-    request to stop after the current step with a checkpoint; a second signal acts as usual (stops at once).
-
-    Under torchrun every rank must stop after the same step (the others would wait forever in the next
-    all-reduce), so the ranks agree with all_reduce(MAX) of their flags. It runs over the gloo group on a CPU
-    tensor, started when a step begins and waited for when it ends: it never waits for the GPU, and its latency
-    hides behind the step. So under torchrun a signal that arrives during step k stops the run after step k + 1.
-    """
-    def __init__(self, group=None):
-        self.group, self.signal, self.stopped = group, None, False
-
-    def __enter__(self):
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
-        return self
-
-    def __exit__(self, *exc_info):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-    def handle(self, signum, frame):  # runs between two bytecodes of the main thread: no printing here
-        self.signal = signal.Signals(signum).name
-        signal.signal(signum, self.previous[signum])
-
-    def begin_step(self):
-        if self.group is not None:
-            self.flag = torch.tensor([float(self.signal is not None)])
-            self.work = dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
-
-    def end_step(self):
-        """True when the run stops after this step: the same answer on every rank."""
-        if self.group is None:
-            self.stopped = self.signal is not None
-        else:
-            self.work.wait()
-            self.stopped = bool(self.flag.item())
-        return self.stopped
-
-    def report(self, out, epoch, iteration, main_process):
-        if main_process:
-            print(f"stopped by {self.signal or 'a signal to another process'}: {out / 'checkpoint.pth'} continues "
-                  f"at epoch {epoch}, step {iteration}; to resume, run the same command again", flush=True)
-
-
 # --- training state ----------------------------------------------------------------------------------------
 def check_writable(out):
     """Fail before training, not at the first checkpoint, when --output_dir cannot be written."""
@@ -187,6 +109,15 @@ def save_atomic(obj, path):
         tmp.unlink(missing_ok=True)
         raise ConfigError(f"could not write the checkpoint {path} ({e}); the previous one, if any, is intact: "
                           f"free disk space or choose another --output_dir, then run the same command") from None
+
+
+def gather(obj, group):
+    """[obj of rank 0, obj of rank 1, ...] on every rank; [obj] for one process."""
+    if group is None:
+        return [obj]
+    objs = [None] * dist.get_world_size()
+    dist.all_gather_object(objs, obj, group=group)
+    return objs
 
 
 def rng_state(device):
@@ -223,32 +154,24 @@ def resume(path, state, args, rank, world_size, device):
     return epoch, iteration, mine["totals"]
 
 
+# What a resumed run must share with the checkpoint: the shapes of the models and the crops, and what shapes the
+# optimizer's state (its kind; the norm of the head's last layer: fixed = one tensor fewer to optimize) and the
+# scaler's (fp16 keeps a loss scale; fp32 and bf16 none).
+RESUME_KEYS = ["arch", "patch_size", "depth", "out_dim", "head_hidden_dim", "use_bn_in_head", "norm_last_layer",
+               "local_crops_number", "optimizer"]
+
+
 def check_resumable(ckpt, args, world_size):
-    """ConfigError listing every difference that forbids resuming: the model, the head, the crops and, inside an
-    epoch, the batch per process and the number of processes (the steps already done are counted in batches)."""
+    """ConfigError listing every difference that forbids resuming: RESUME_KEYS, fp16 or not and, inside an epoch,
+    the batch per process, the micro-batches per step and the number of processes (steps are counted in batches)."""
     saved = dict(ckpt.get("args", {}), world_size=ckpt.get("world_size", 1))
     now = dict(vars(args), world_size=world_size)
-    keys = ["arch", "patch_size", "depth", "out_dim", "head_hidden_dim", "use_bn_in_head", "local_crops_number"]
-    keys += ["batch_size_per_gpu", "world_size"] if ckpt.get("iteration") else []
-    diff = [f"{k}: checkpoint {saved[k]!r}, now {now[k]!r}" for k in keys if k in saved and saved[k] != now[k]]
+    for a in (saved, now):
+        a["fp16 (GradScaler)"] = a.get("precision") == "fp16"
+        a.setdefault("grad_accum_steps", 1)
+    keys = RESUME_KEYS + ["fp16 (GradScaler)"]
+    keys += ["batch_size_per_gpu", "grad_accum_steps", "world_size"] if ckpt.get("iteration") else []
+    diff = [f"{k}: checkpoint {saved[k]!r}, now {now.get(k)!r}" for k in keys if k in saved and saved[k] != now.get(k)]
     if diff:
         raise ConfigError(f"{args.output_dir}/checkpoint.pth was trained with other settings ({'; '.join(diff)}): "
                           f"use another --output_dir or the same flags")
-
-
-def log(out, stats, message=None):
-    """Append one JSON row to out/log.txt (the figures of an epoch), and print `message`."""
-    with open(out / "log.txt", "a") as f:
-        f.write(json.dumps(stats) + "\n")
-    if message:
-        print(message, flush=True)
-
-
-def trim_log(out, start_epoch):
-    """Keep the rows of the epochs before start_epoch only: those after it (logged by a run killed before their
-    checkpoint) are trained again; a row cut by a kill goes too."""
-    rows = (out / "log.txt").read_text().splitlines() if (out / "log.txt").exists() else []
-    kept = [row for row in rows if row.endswith("}") and json.loads(row)["epoch"] < start_epoch]
-    if kept != rows:
-        (out / "log.txt.tmp").write_text("".join(row + "\n" for row in kept))
-        os.replace(out / "log.txt.tmp", out / "log.txt")

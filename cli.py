@@ -30,10 +30,11 @@ def run_cli(main):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with defaults shown in --help, and its errors (unknown flag, bad value) as one line, exit code 2."""
+    """argparse with defaults shown in --help, and its errors (unknown flag, bad value) as one line, exit code 2.
+    A flag must be spelled whole: `--epoch 2` is an error, not a silent `--epochs 2` (allow_abbrev=False)."""
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+        super().__init__(*args, formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False, **kwargs)
 
     def error(self, message):
         print(f"error: {message} (see --help)", file=sys.stderr)

@@ -29,10 +29,11 @@ import sys
 import time
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 import checkpoint
 import cli
+from draw import COLORS, draw_panel, load_font
 
 ROOT = Path(__file__).resolve().parent
 SETTINGS = {  # name: (legend, train.py flags)
@@ -40,7 +41,6 @@ SETTINGS = {  # name: (legend, train.py flags)
     "sharpening_only": ("sharpening only (no centering)", ["--center_momentum", "1"]),
     "centering_only": ("centering only (no sharpening)", ["--warmup_teacher_temp", "0.1", "--teacher_temp", "0.1"]),
 }
-COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
 
 
 def get_args(argv=None):
@@ -93,52 +93,12 @@ def summarize(rows, train_args):
 
 
 # --- the figure: PIL only ------------------------------------------------------------------------------------
-def nice_ticks(high, n=5):
-    """Round tick values 0, s, 2s, ... covering [0, high] with at most about n + 1 ticks (s = 1, 2 or 5 x 10^k)."""
-    step = 10 ** math.floor(math.log10(high / n))
-    step *= next(m for m in (1, 2, 5, 10) if high / (step * m) <= n)
-    return [i * step for i in range(math.ceil(high / step - 1e-9) + 1)]
-
-
-def draw_panel(draw, box, title, curves, key, y_high, font, hline=None):
-    """Axes, ticks and one polyline per curve inside box = (left, top, right, bottom) of the plotting area."""
-    left, top, right, bottom = box
-    x_high = max(max(c["steps"]) for c in curves.values())
-    x_ticks = [s for s in nice_ticks(x_high) if s <= x_high]  # the x axis ends at the last step
-    y_ticks = nice_ticks(y_high)
-    y_high = y_ticks[-1]
-    to_xy = lambda s, v: (left + (right - left) * s / x_high, bottom - (bottom - top) * min(v, y_high) / y_high)
-    for s in x_ticks:
-        x = to_xy(s, 0)[0]
-        draw.line([(x, bottom), (x, bottom + 4)], fill="black")
-        draw.text((x, bottom + 6), f"{s:g}", fill="black", font=font, anchor="mt")
-    for v in y_ticks:
-        y = to_xy(0, v)[1]
-        draw.line([(left - 4, y), (right, y)], fill=(225, 225, 225))
-        draw.line([(left - 4, y), (left, y)], fill="black")
-        draw.text((left - 6, y), f"{v:g}", fill="black", font=font, anchor="rm")
-    draw.rectangle(box, outline="black")
-    draw.text(((left + right) / 2, top - 8), title, fill="black", font=font, anchor="md")
-    draw.text(((left + right) / 2, bottom + 22), "training steps", fill="black", font=font, anchor="mt")
-    if hline is not None:  # a dashed horizontal line with its label
-        value, label = hline
-        y = to_xy(0, value)[1]
-        for x in range(left, right, 10):
-            draw.line([(x, y), (min(x + 5, right), y)], fill="black")
-        draw.text((right - 4, y - 3), label, fill="black", font=font, anchor="rd")
-    for color, c in zip(COLORS, curves.values()):
-        points = [to_xy(s, v) for s, v in zip(c["steps"], c[key])]
-        draw.line(points, fill=color, width=2)
-        for x, y in points:
-            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=color)
-
-
 def plot_curves(curves, ln_k, path, size=(960, 400)):
     """Fig. 7 of the paper: teacher entropy (with ln K dashed) and KL(P_t || P_s) against steps, side by side.
     curves: {legend: {"steps": [...], "teacher_entropy": [...], "kl_teacher_student": [...]}}."""
     width, height = size
     image = Image.new("RGB", size, "white")
-    draw, font = ImageDraw.Draw(image), ImageFont.load_default(size=13)
+    draw, font = ImageDraw.Draw(image), load_font(13)
     legend_h = 26
     top, bottom, half = 30, height - 44 - legend_h, width // 2
     kl_high = max(max(c["kl_teacher_student"]) for c in curves.values())

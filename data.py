@@ -23,7 +23,7 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 from augment import IMAGENET_MEAN, IMAGENET_STD, DataAugmentationDINO, EpochSampler, MultiCropDataset
-from cli import ConfigError
+from cli import ConfigError, existing_file, nonneg_int, positive_int
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # apt-get install dataset-fashion-mnist
 DATASET_NAMES = ("fashion_mnist", "cifar10", "cifar100", "stl10")
@@ -193,7 +193,7 @@ def count_unreadable(messages, skipped, warned, epoch_images, max_fraction):
 
 def ignore_stop_signals(worker_id):
     """Workers leave SIGINT (Ctrl-C reaches the whole process group) and SIGTERM to the main process, which stops
-    after a step (checkpoint.StopFlag); a worker that died of them would make the DataLoader fail instead."""
+    after a step (run_control.StopFlag); a worker that died of them would make the DataLoader fail instead."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
@@ -253,3 +253,46 @@ def _gather_interleaved(x, world):
     parts = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(parts, x)
     return torch.stack(parts, dim=1).flatten(0, 1)  # (per_rank, world, ...) -> dataset order
+
+
+# --- images named on the command line (cosegment.py, correspond.py) --------------------------------------------
+def add_image_args(parser):
+    """The flags of images_from_args(): files, or the test images of one class of a dataset."""
+    g = parser.add_argument_group("images")
+    g.add_argument("--image_path", nargs="+", type=existing_file, default=None, help="image files")
+    g.add_argument("--data_path", default=None, help="instead: test images of a dataset (fashion_mnist, ...), "
+                   "those of --class_index")
+    g.add_argument("--data_root", default="data")
+    g.add_argument("--class_index", type=nonneg_int, default=0)
+    g.add_argument("--load_size", type=positive_int, default=None, help="short side the images are resized to; "
+                   "default: 224, 56 for Fashion-MNIST (its 28 px twice: 8 x 8 patches of 7 px)")
+    return g
+
+
+def class_images(data_path, data_root, class_index, count):
+    """(uint8 (3, H, W) images, names): the first `count` test images of class `class_index` of a dataset (the
+    images of a folder without val/)."""
+    datasets = build_datasets(data_path, data_root)
+    test = datasets.knn_test or datasets.train
+    targets = getattr(test, "labels", getattr(test, "targets", None))  # TensorImages, torchvision datasets
+    targets = torch.as_tensor(targets if targets is not None else [int(test[i][1]) for i in range(len(test))])
+    index = torch.nonzero(targets == class_index).squeeze(1)[:count].tolist()
+    if not index:
+        raise ConfigError(f"no test image of class {class_index} in {data_path}")
+    name = os.path.basename(os.path.normpath(data_path))
+    return [to_rgb(test[i][0]) for i in index], [f"{name}_class{class_index}_test{i}" for i in index]
+
+
+def images_from_args(args, count):
+    """(uint8 (3, H, W) images with the short side resized to --load_size, names) of the add_image_args flags:
+    the files of --image_path, else `count` test images of --class_index of --data_path."""
+    if args.image_path:
+        images = [read_image(p) for p in args.image_path]
+        names = [os.path.splitext(os.path.basename(p))[0] for p in args.image_path]
+    elif args.data_path:
+        images, names = class_images(args.data_path, args.data_root, args.class_index, count)
+    else:
+        raise ConfigError("give images: --image_path a.jpg b.jpg ..., or --data_path fashion_mnist --class_index 0")
+    size = args.load_size or (56 if args.data_path == "fashion_mnist" and not args.image_path else 224)
+    # NOTE: bilinear with antialiasing; the reference resizes with PIL's Lanczos.
+    return [TF.resize(im, size, antialias=True) for im in images], names

@@ -33,33 +33,39 @@ class DINOLoss(nn.Module):
     def teacher_temp(self, epoch):
         return float(self.teacher_temp_schedule[min(epoch, len(self.teacher_temp_schedule) - 1)])
 
-    def forward(self, student_output, teacher_output, epoch):
-        """student_output (V * B, K) and teacher_output (2 * B, K), crops stacked in order."""
+    def forward(self, student_output, teacher_output, epoch, update_center=True):
+        """student_output (V * B, K) and teacher_output (2 * B, K), crops stacked in order: (loss, teacher entropy).
+
+        The teacher entropy is the collapse diagnostic of Sec. 5.3: the mean entropy of the targets P_t, ln K
+        when they are uniform, 0 when one-hot. update_center=False leaves the center to the caller (gradient
+        accumulation: once per optimizer step, from all its micro-batches, with update_center(sum, count)).
+        NOTE: the official forward returns the loss alone.
+        """
         # P_s: student crops over tau_s; P_t: teacher global crops centered, then sharpened by tau_t
         log_ps = F.log_softmax(student_output.float() / self.student_temp, dim=-1)  # (V * B, K)
         log_ps = log_ps.unflatten(0, (self.ncrops, -1))  # (V, B, K)
         teacher_out = teacher_output.detach().float()  # no gradient reaches the teacher
         teacher_probs = F.softmax((teacher_out - self.center) / self.teacher_temp(epoch), dim=-1)  # (2B, K)
-        # diagnostic for collapse (Sec. 5.3): mean entropy of the targets, ln K when uniform, 0 when one-hot
-        self.teacher_entropy = torch.special.entr(teacher_probs).sum(dim=-1).mean().detach()
+        teacher_entropy = torch.special.entr(teacher_probs).sum(dim=-1).mean().detach()
 
         # H(P_t(x_i), P_s(x_v)) = -sum_k P_t log P_s for every (teacher i, student v) pair, batch-averaged
         pt = teacher_probs.unflatten(0, (2, -1))  # (2, B, K)
         cross_entropy = -torch.einsum("ibk,vbk->iv", pt, log_ps) / log_ps.shape[1]  # (2, V)
         same_view = torch.eye(2, self.ncrops, dtype=torch.bool, device=cross_entropy.device)  # pairs v == i
         loss = cross_entropy.masked_fill(same_view, 0).sum() / (2 * self.ncrops - 2)  # mean over the others
-        self.update_center(teacher_out)
-        return loss
+        if update_center:
+            self.update_center(teacher_out.sum(dim=0, keepdim=True), len(teacher_out))
+        return loss, teacher_entropy
 
     @torch.no_grad()
-    def update_center(self, teacher_out):
-        """c <- m c + (1 - m) mean of the teacher's outputs over the global batch (all ranks)."""
-        batch_sum = teacher_out.sum(dim=0, keepdim=True)  # (1, K)
-        world_size = 1
+    def update_center(self, teacher_sum, count):
+        """c <- m c + (1 - m) mean of the teacher's outputs over the global batch (all ranks). teacher_sum (1, K):
+        the sum of this process's `count` teacher outputs."""
+        batch_sum, world_size = teacher_sum.clone(), 1
         if dist.is_available() and dist.is_initialized():  # one process needs no process group
             dist.all_reduce(batch_sum)
             world_size = dist.get_world_size()
-        batch_center = batch_sum / (len(teacher_out) * world_size)
+        batch_center = batch_sum / (count * world_size)
         self.center.mul_(self.center_momentum).add_(batch_center * (1 - self.center_momentum))
 
 

@@ -8,6 +8,7 @@ the epoch, main (data, resume, training loop). Datasets live in data.py, checkpo
 Shape letters: B images per process, V crops, K out_dim.
 """
 import argparse
+import contextlib
 import json
 import os
 import time
@@ -18,16 +19,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from tqdm import tqdm
 
+import backbone
 import checkpoint
 import cli
 import data
+import run_control
+import vit
 from augment import photometric_views
 from cli import ConfigError
 from eval_knn import knn_top1
 from head import DINOHead, MultiCropWrapper
 from loss import DINOLoss, collapse_warning
+from run_control import EpochTotals
 
 # Each named dataset brings a preset; flags given on the command line override it.
 PRESETS = {
@@ -62,7 +66,10 @@ def get_args_parser():
     g.add_argument("--weight_decay", type=nonnegf, default=0.04, help="initial weight decay (Sec. 3.2: 0.04 to 0.4)")
     g.add_argument("--weight_decay_end", type=nonnegf, default=0.4, help="final weight decay")
     g.add_argument("--clip_grad", type=nonnegf, default=3.0, help="max norm of each parameter's gradient; 0: off")
-    g.add_argument("--batch_size_per_gpu", type=pos, default=64, help="images per process (Sec. 3.2: 1024 in all)")
+    g.add_argument("--batch_size_per_gpu", type=pos, default=64, help="images per process and micro-batch "
+                   "(Sec. 3.2: 1024 in all)")
+    g.add_argument("--grad_accum_steps", type=pos, default=1, help="micro-batches per optimizer step: a step on "
+                   "batch_size_per_gpu x processes x N images with the memory of one micro-batch")
     g.add_argument("--epochs", type=pos, default=100, help="training epochs (paper: 100 to 800)")
     g.add_argument("--freeze_last_layer", type=nonneg, default=1, help="epochs with the head's last layer fixed "
                    "(official: fixing it in the first epoch helps training)")
@@ -101,7 +108,7 @@ def get_args_parser():
 
 def add_model_args(g):
     pos, posf = cli.positive_int, cli.positive_float
-    g.add_argument("--arch", default="vit_small", choices=checkpoint.ARCHS, help="the ViT backbone (Sec. 3.2)")
+    g.add_argument("--arch", default="vit_small", choices=list(vit.ARCHS), help="the ViT backbone (Sec. 3.2)")
     g.add_argument("--patch_size", type=pos, default=16, help="patch side in pixels (Sec. 5.1: 8 is better, slower)")
     g.add_argument("--depth", type=pos, default=None, help="number of blocks (default: the arch's 12)")
     g.add_argument("--out_dim", type=pos, default=65536, help="K, the head's output width (65536 for ImageNet)")
@@ -180,8 +187,8 @@ class Training:
 
 def build_training(args, device, world_size=1, distributed=False, niter=1):
     """The student and the teacher (starting equal), the loss, the optimizer and the per-iteration schedules."""
-    vit = lambda drop_path: checkpoint.build_vit(args.arch, args.patch_size, args.depth, drop_path)
-    student, teacher = vit(args.drop_path_rate), vit(0.0)
+    student = backbone.build(args.arch, args.patch_size, args.depth, args.drop_path_rate)
+    teacher = backbone.build(args.arch, args.patch_size, args.depth, 0.0)
     head = lambda norm_last_layer: DINOHead(width, args.out_dim, args.use_bn_in_head, norm_last_layer,
                                             hidden_dim=args.head_hidden_dim)
     width = student.embed_dim
@@ -201,8 +208,8 @@ def build_training(args, device, world_size=1, distributed=False, niter=1):
     # fused AdamW: one kernel for all parameters, on the GPU and on the CPU (torch >= 2.4)
     optimizer = (torch.optim.AdamW(param_groups(student), fused=True) if args.optimizer == "adamw"
                  else torch.optim.SGD(param_groups(student), lr=0, momentum=0.9))
-    # linear scaling rule (Sec. 3.1): lr = base lr * total batch / 256
-    lr = cosine_scheduler(args.lr * args.batch_size_per_gpu * world_size / 256, args.min_lr, args.epochs, niter,
+    # linear scaling rule (Sec. 3.2): lr = base lr * total batch / 256, the batch of one optimizer step
+    lr = cosine_scheduler(args.lr * args.batch_size_per_gpu * world_size * args.grad_accum_steps / 256, args.min_lr, args.epochs, niter,
                           args.warmup_epochs)
     wd = cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, niter)
     momentum = cosine_scheduler(args.momentum_teacher, 1.0, args.epochs, niter)
@@ -243,20 +250,32 @@ def ema_update(teacher, student, m):
     torch._foreach_lerp_(list(teacher.parameters()), [p.detach() for p in student.parameters()], 1 - float(m))
 
 
-# --- the step and the epoch ----------------------------------------------------------------------------------
-def train_step(t, crops, params, epoch, step):
-    """One optimizer step of Alg. 1 on a batch (schedules, forward, loss, backward, clip, step, EMA): the loss."""
-    for i, group in enumerate(t.optimizer.param_groups):
+# --- the step (Alg. 1) and the epoch ------------------------------------------------------------------------
+def train_step(t, micro_batches, epoch, step):
+    """One optimizer step of Alg. 1 on N micro-batches [(crops, params), ...]: exactly one step on their union.
+
+    The gradient is the mean of the micro-batches' (DDP averages it over processes on the last one only); the
+    teacher and the center stay fixed until the step is taken, then the EMA moves once and the center once, from
+    the teacher outputs of all micro-batches of all processes. Returns (loss, teacher entropy), micro-batch means.
+    """
+    for i, group in enumerate(t.optimizer.param_groups):  # the schedules, per optimizer step
         group["lr"] = float(t.lr[step])
         if i == 0:  # only the regularized group
             group["weight_decay"] = float(t.wd[step])
-    views = photometric_views(crops, params, t.device)  # V x (B, 3, S, S), normalized
-    with t.autocast:
-        teacher_output = t.teacher(views[:2])  # (2B, K): the teacher sees only the global crops
-        student_output = t.student(views)  # (VB, K)
-        loss = t.dino_loss(student_output, teacher_output, epoch)
     t.optimizer.zero_grad(set_to_none=True)
-    t.scaler.scale(loss).backward()
+    n, loss_sum, entropy_sum, teacher_sum, count = len(micro_batches), 0.0, 0.0, 0.0, 0
+    for i, (crops, params) in enumerate(micro_batches):
+        views = photometric_views(crops, params, t.device)  # V x (B, 3, S, S), normalized
+        sync = i == n - 1 or not hasattr(t.student, "no_sync")  # DDP: all-reduce the gradients once, at the end
+        with contextlib.nullcontext() if sync else t.student.no_sync():
+            with t.autocast:
+                teacher_output = t.teacher(views[:2])  # (2B, K): the teacher sees only the global crops
+                student_output = t.student(views)  # (VB, K)
+                loss, entropy = t.dino_loss(student_output, teacher_output, epoch, update_center=False)
+            t.scaler.scale(loss / n).backward()
+        teacher_sum = teacher_sum + teacher_output.detach().float().sum(dim=0, keepdim=True)  # (1, K)
+        count += len(teacher_output)
+        loss_sum, entropy_sum = loss_sum + loss.detach(), entropy_sum + entropy
     if t.args.clip_grad:
         t.scaler.unscale_(t.optimizer)
         clip_gradients(t.student, t.args.clip_grad)
@@ -266,67 +285,21 @@ def train_step(t, crops, params, epoch, step):
                 p.grad = None
     t.scaler.step(t.optimizer)
     t.scaler.update()
+    t.dino_loss.update_center(teacher_sum, count)  # c <- m c + (1 - m) mean of the step's teacher outputs
     ema_update(t.teacher, getattr(t.student, "module", t.student), t.momentum[step])  # DDP unwrapped
-    return loss
+    return loss_sum / n, entropy_sum / n
 
 
-@dataclass
-class EpochTotals:
-    """Running sums over an epoch's steps, kept on the device: read back every --log_every steps, not each step."""
-    loss: torch.Tensor
-    teacher_entropy: torch.Tensor
-    nonfinite: torch.Tensor  # number of steps whose loss was NaN or infinite
-    skipped: int = 0  # unreadable images replaced by readable ones
-
-
-def train_one_epoch(t, loader, epoch, start_it=0, totals=None, stop=None, save=None):
-    """Steps start_it, start_it + 1, ... of an epoch, one per batch of `loader`: the epoch's stats, or
-    {"stopped_at": step} when `stop` (a StopFlag) ends it early. totals: the EpochTotals so far (a resumed
-    epoch). save(step, totals) writes a checkpoint every --saveckp_steps steps and before an early stop."""
-    args, niter = t.args, start_it + len(loader)  # steps in a whole epoch
-    totals = totals or EpochTotals(*torch.zeros(3, device=t.device).unbind())
-    bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", initial=start_it, total=niter, dynamic_ncols=True,
-               disable=dist.is_initialized() and dist.get_rank() > 0)
-    t0, seen = time.time(), 0
-    for it, (crops, params, _, unreadable) in enumerate(bar, start=start_it):
-        step = epoch * niter + it  # index into the per-iteration schedules
-        if stop:
-            stop.begin_step()
-        loss = train_step(t, crops, params, epoch, step)
-        totals.skipped = data.count_unreadable(unreadable, totals.skipped, t.warned, niter * len(crops[0]),
-                                               args.max_bad_fraction)
-        totals.loss += loss.detach()
-        totals.teacher_entropy += t.dino_loss.teacher_entropy
-        totals.nonfinite += ~torch.isfinite(loss.detach())
-        seen += len(crops[0]) * (dist.get_world_size() if dist.is_initialized() else 1)
-        if (it + 1) % args.log_every == 0 or it == niter - 1:
-            if totals.nonfinite.item():  # one host sync per log_every steps
-                raise SystemExit(f"loss is {loss.item()} at epoch {epoch}, step {it}: stopping; the last good "
-                                 f"checkpoint is left as it was")
-            bar.set_postfix(loss=f"{totals.loss.item() / (it + 1):.4f}", lr=f"{t.lr[step]:.2e}",
-                            img_s=f"{seen / (time.time() - t0):.0f}")
-        # NOTE: the official code writes checkpoints only at the end of an epoch and does not catch signals.
-        stopping = stop is not None and stop.end_step()
-        if save and it + 1 < niter and (stopping or args.saveckp_steps and (step + 1) % args.saveckp_steps == 0):
-            if totals.nonfinite.item():  # never save weights after a non-finite loss
-                raise SystemExit(f"non-finite loss in epoch {epoch}: stopping; the last good checkpoint is kept")
-            save(it + 1, totals)  # the end of an epoch has its own checkpoint
-        if stopping and it + 1 < niter:
-            return {"stopped_at": it + 1}
-    return epoch_stats(t, totals, niter, step, seen / (time.time() - t0))
-
-
-def epoch_stats(t, totals, niter, step, images_per_s):
-    """The log.txt figures of an epoch, the same on every rank: mean loss and entropy, total unreadable images."""
-    figures = torch.stack([totals.loss / niter, totals.teacher_entropy / niter,
-                           torch.tensor(float(totals.skipped), device=t.device)])
-    if dist.is_initialized():
-        dist.all_reduce(figures)
-        figures[:2] /= dist.get_world_size()
-    loss, entropy, skipped = figures.tolist()
-    return {"train_loss": loss, "train_lr": float(t.lr[step]), "train_wd": float(t.wd[step]),
-            "teacher_entropy": entropy, "kl_teacher_student": loss - entropy, "skipped_images": int(skipped),
-            "images_per_s": round(images_per_s, 1)}
+def train_one_epoch(t, loader, epoch, run):
+    """The epoch's optimizer steps from run.start_it, each on --grad_accum_steps micro-batches of the loader: its
+    stats for log.txt, or None when a signal stopped it (after a checkpoint). run: a RunControl."""
+    n = t.args.grad_accum_steps
+    for it, micro_batches in run.steps(zip(*[iter(loader)] * n)):  # n consecutive batches, the rest dropped
+        step = epoch * run.niter + it  # index into the per-step schedules
+        loss, entropy = train_step(t, [(crops, params) for crops, params, _, _ in micro_batches], epoch, step)
+        if run.after_step(it, loss, entropy, [u for *_, unreadable in micro_batches for u in unreadable]):
+            return None
+    return run.epoch_stats(t.wd)
 
 
 def epoch_message(stats, out_dim):
@@ -347,7 +320,11 @@ def main(argv=None):
         checkpoint.check_writable(out)
     datasets = data.build_datasets(args.data_path, args.data_root, args.subset)
     loader, sampler = data.training_loader(datasets.train, args, rank, world_size, device)
-    t = build_training(args, device, world_size, cpu_group is not None, len(loader))
+    steps_per_epoch = len(loader) // args.grad_accum_steps
+    if steps_per_epoch == 0:
+        raise ConfigError(f"{len(loader)} batches per epoch are fewer than --grad_accum_steps "
+                          f"{args.grad_accum_steps}: lower it or --batch_size_per_gpu")
+    t = build_training(args, device, world_size, cpu_group is not None, steps_per_epoch)
 
     # resume: at an epoch's end, or inside one (its first `start_it` steps done, their sums in `totals`)
     state = dict(student=getattr(t.student, "module", t.student), teacher=t.teacher, optimizer=t.optimizer,
@@ -355,38 +332,46 @@ def main(argv=None):
     start_epoch, start_it, saved = checkpoint.resume(out / "checkpoint.pth", state, args, rank, world_size, device)
     totals = saved and EpochTotals(*(saved[k].to(device) for k in ("loss", "teacher_entropy", "nonfinite")),
                                    saved["skipped"])
+    if start_epoch >= args.epochs:
+        if main_process:
+            print(f"{out / 'checkpoint.pth'} has finished training: epoch {start_epoch} of {args.epochs}. To train "
+                  f"longer, run again with a larger --epochs; to start afresh, give another --output_dir")
+        return
     if main_process and (start_epoch or start_it):
         print(f"resumed from {out / 'checkpoint.pth'} at epoch {start_epoch}, step {start_it}")
-        checkpoint.trim_log(out, start_epoch)
+        run_control.trim_log(out, start_epoch)
 
     def save(epoch, iteration, totals, keep=False):  # every rank calls it (RNG states are gathered); rank 0 writes
         ckpt = checkpoint.checkpoint_dict(state, args, epoch, iteration, totals and asdict(totals), device,
                                           cpu_group)
         if main_process:
             checkpoint.save_atomic(ckpt, out / "checkpoint.pth")
-            if keep:  # as the official code: checkpoint0019.pth after the 20th epoch
-                checkpoint.save_atomic(ckpt, out / f"checkpoint{epoch - 1:04}.pth")
+            if keep:  # NOTE: named for the epochs done (checkpoint0020.pth after 20); the official names a
+                # checkpoint for the epoch index that wrote it (checkpoint0000.pth, 0020, ... when epoch % freq == 0)
+                checkpoint.save_atomic(ckpt, out / f"checkpoint{epoch:04}.pth")
 
     knn = (lambda: knn_top1(t.teacher.backbone, datasets, args.global_crop_size, device)) \
         if datasets.knn_test is not None and args.knn_every else None
     if knn and start_epoch == start_it == 0:
         top1 = knn()
         if main_process:
-            checkpoint.log(out, {"epoch": -1, "knn_top1": top1}, f"k-NN top-1 before training: {top1:.2f}%")
-    with checkpoint.StopFlag(cpu_group) as stop:
+            run_control.log(out, {"epoch": -1, "knn_top1": top1}, f"k-NN top-1 before training: {top1:.2f}%")
+    with run_control.StopFlag(cpu_group) as stop:
         for epoch in range(start_epoch, args.epochs):
-            sampler.set_epoch(epoch, start=start_it * args.batch_size_per_gpu)
+            sampler.set_epoch(epoch, start=start_it * args.batch_size_per_gpu * args.grad_accum_steps)
             t0 = time.time()
-            stats = train_one_epoch(t, loader, epoch, start_it, totals, stop, lambda it, sums: save(epoch, it, sums))
+            run = run_control.RunControl(args, epoch, steps_per_epoch, start_it, totals, stop,
+                                         lambda it, sums: save(epoch, it, sums), device, t.warned, t.lr)
+            stats = train_one_epoch(t, loader, epoch, run)
             start_it, totals, last = 0, None, epoch == args.epochs - 1
-            if "stopped_at" in stats:  # by SIGTERM / SIGINT, after a checkpoint at that step
-                stop.report(out, epoch, stats["stopped_at"], main_process)
+            if stats is None:  # stopped by SIGTERM / SIGINT, after a checkpoint at that step
+                stop.report(out, epoch, run.stopped_at, main_process)
                 break
             if knn and ((epoch + 1) % args.knn_every == 0 or last):
                 stats["knn_top1"] = knn()
             if main_process:  # the log row, then the checkpoint: a run killed in between drops the row on resume
                 stats = dict(stats, epoch=epoch, epoch_time_s=round(time.time() - t0, 1))
-                checkpoint.log(out, stats, epoch_message(stats, args.out_dim))
+                run_control.log(out, stats, epoch_message(stats, args.out_dim))
             save(epoch + 1, 0, None, keep=args.saveckp_freq and (epoch + 1) % args.saveckp_freq == 0)
             if stop.stopped and not last:
                 stop.report(out, epoch + 1, 0, main_process)

@@ -1,4 +1,4 @@
-"""Vision Transformer backbone (paper Sec. 3.1 "Implementation and evaluation protocols"; Dosovitskiy et al. 2021).
+"""Vision Transformer backbone (paper Sec. 3.2 "Implementation and evaluation protocols"; Dosovitskiy et al. 2021).
 
 The state_dict has exactly the names and shapes of the official DINO ViT, so its pretrained backbone files
 load with strict=True, and the numerics match: pre-norm blocks, LayerNorm eps 1e-6, qkv with bias, exact
@@ -64,13 +64,13 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.drop_path = drop_path
+        self.drop_prob = drop_path  # the official name of the argument; drop_path() is the function
 
     def forward(self, x, return_attention=False):
         if return_attention:
             return self.attn(self.norm1(x), return_attention=True)
-        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
-        x = x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+        x = x + drop_path(self.attn(self.norm1(x)), self.drop_prob, self.training)
+        x = x + drop_path(self.mlp(self.norm2(x)), self.drop_prob, self.training)
         return x
 
 
@@ -82,8 +82,11 @@ class PatchEmbed(nn.Module):
         self.patch_size = patch_size
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
-    def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, N, D)
+    def forward(self, x, stride=None):
+        """stride < patch size: overlapping patches, the same weights (dense.py's finer grid); (B, N, D)."""
+        x = self.proj(x) if stride in (None, self.patch_size) else F.conv2d(x, self.proj.weight, self.proj.bias,
+                                                                           stride=stride)
+        return x.flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, N, D)
 
 
 class VisionTransformer(nn.Module):
@@ -127,14 +130,17 @@ class VisionTransformer(nn.Module):
         patch_pos = patch_pos.to(self.pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, h * w, -1)  # (1, N, D)
         return torch.cat([cls_pos, patch_pos], dim=1)  # (1, 1+N, D)
 
-    def prepare_tokens(self, x):
+    def prepare_tokens(self, x, stride=None):
+        """CLS token + patch embeddings + position embeddings, (B, 1+N, D). stride (a divisor of the patch size,
+        default the patch size): patches taken every `stride` pixels, an (H - p) / s + 1 grid (dense.py)."""
         B, _, H, W = x.shape
-        p = self.patch_size
-        if H % p or W % p:
-            raise ValueError(f"input size {H}x{W} is not a multiple of the patch size {p}")
-        x = self.patch_embed(x)  # (B, N, D)
+        p, s = self.patch_size, stride or self.patch_size
+        if p % s or min(H, W) < p or (s == p and (H % p or W % p)):
+            raise ValueError(f"input size {H}x{W} does not fit patches of {p} px taken every {s} px (a stride that "
+                             f"divides the patch size; without overlap, sides that are multiples of it)")
+        x = self.patch_embed(x, s)  # (B, N, D); with overlap, pixels past the last whole patch are left out
         x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)  # (B, 1+N, D)
-        return x + self.interpolate_pos_encoding(H // p, W // p)
+        return x + self.interpolate_pos_encoding((H - p) // s + 1, (W - p) // s + 1)
 
     def forward(self, x):
         x = self.prepare_tokens(x)
@@ -170,3 +176,6 @@ def vit_small(patch_size=16, **kw):
 
 def vit_base(patch_size=16, **kw):
     return VisionTransformer(patch_size, **{"embed_dim": 768, "depth": 12, "num_heads": 12, **kw})
+
+
+ARCHS = {"vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base}  # the architectures by name

@@ -1,8 +1,37 @@
-"""Puts the repository root on sys.path so the tests import vit, head, loss, train, eval_knn as the scripts do."""
+"""What the test files share: the repository root on sys.path (the tests import vit, train, ... as the scripts
+do), one tiny configuration, and the tiny models and checkpoints built from it.
+
+    from conftest import TINY_TRAIN, tiny_vit, write_checkpoint
+"""
 import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 torch.set_num_threads(1)  # tiny tensors: a thread pool only adds overhead (tests ran 2x slower on 2 busy cores)
+
+import vit  # noqa: E402  (after the path is set)
+
+# train.py on 28 px Fashion-MNIST with a 1-block ViT: a step takes milliseconds. Crop sizes are given, so the
+# flags also fit an image folder (which has no preset). Test files add what their claim needs.
+TINY_TRAIN = ["--data_path", "fashion_mnist", "--arch", "vit_tiny", "--depth", "1", "--patch_size", "7",
+              "--global_crop_size", "28", "--local_crop_size", "14", "--local_crops_number", "2", "--out_dim", "64",
+              "--num_workers", "0", "--warmup_epochs", "0", "--device", "cpu"]
+
+
+def tiny_vit(patch_size=4, depth=2, seed=None, **kw):
+    """A vit_tiny of `depth` blocks in eval mode (random init; seeded when seed is given)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    return vit.vit_tiny(patch_size=patch_size, depth=depth, **kw).eval()
+
+
+def write_checkpoint(path, model=None, **args):
+    """A checkpoint in train.py's layout (teacher `backbone.*`, plain-dict args) holding `model` (default: a
+    tiny_vit of seed 0); args: the training args saved with it (arch, patch_size, depth are filled in)."""
+    model = model if model is not None else tiny_vit(seed=0)
+    args = {"arch": "vit_tiny", "patch_size": model.patch_size, "depth": len(model.blocks), **args}
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in model.state_dict().items()}, "args": args}, path)
+    return str(path)

@@ -22,7 +22,7 @@ def table_rows(printed):
 def test_every_part_prints_a_positive_finite_images_per_s(tmp_path, capsys):
     bench.main(TINY + ["--data_dir", str(tmp_path / "jpegs"), "--official_reference"])
     rows = table_rows(capsys.readouterr().out)
-    for what in ("step (train_one_epoch)", "pipeline: decode + multi-crop (DataLoader)",
+    for what in ("step (train_step)", "pipeline: decode + multi-crop (DataLoader)",
                  "pipeline: photometric ops on the device", "whole loop (train.main)"):
         assert len(rows[what]) == 1 and 0 < rows[what][0] < math.inf, what
     assert rows["official: step"] == [401, 610]  # ../shared/facts/official_dino.md

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import backbone
 import checkpoint
 from cli import ConfigError
 from head import DINOHead, MultiCropWrapper
@@ -57,7 +58,7 @@ def teacher_backbone():
 def test_official_pretrained_backbone_file_loads_exactly(tmp_path, teacher_backbone):
     """dino_deitsmall16_pretrain.pth is a plain state dict of the ViT-S/16: every tensor arrives unchanged."""
     torch.save(teacher_backbone, tmp_path / "dino_deitsmall16_pretrain.pth")
-    model, saved = checkpoint.load_backbone(tmp_path / "dino_deitsmall16_pretrain.pth", "vit_small", 16)
+    model, saved = backbone.load(tmp_path / "dino_deitsmall16_pretrain.pth", "vit_small", 16)
     assert_loaded(model, teacher_backbone)
     assert saved == {}
 
@@ -77,21 +78,21 @@ def test_official_full_checkpoint_loads_teacher_or_student(tmp_path, teacher_bac
             "args": argparse.Namespace(arch="vit_small", patch_size=16, out_dim=65536, global_crops_scale=(0.4, 1.0))}
     path = tmp_path / "dino_deitsmall16_full_checkpoint.pth"
     torch.save(ckpt, path)
-    model, saved = checkpoint.load_backbone(path)  # no --arch / --patch_size: read from args
+    model, saved = backbone.load(path)  # no --arch / --patch_size: read from args
     assert_loaded(model, teacher_backbone)
     assert saved["arch"] == "vit_small" and saved["out_dim"] == 65536
-    model, _ = checkpoint.load_backbone(path, key="student")
+    model, _ = backbone.load(path, key="student")
     assert_loaded(model, {k: v.contiguous() for k, v in student_backbone.items()})
 
 
 def test_our_checkpoint_loads_with_the_architecture_it_records(tmp_path):
     """train.py saves MultiCropWrapper state dicts and args as a plain dict (arch, patch_size, depth, ...)."""
     torch.manual_seed(0)
-    wrapper = MultiCropWrapper(checkpoint.build_vit("vit_tiny", 7, depth=2), DINOHead(192, 64))
+    wrapper = MultiCropWrapper(backbone.build("vit_tiny", 7, depth=2), DINOHead(192, 64))
     args = {"arch": "vit_tiny", "patch_size": 7, "depth": 2, "out_dim": 64, "global_crop_size": 28}
     torch.save({"student": wrapper.state_dict(), "teacher": wrapper.state_dict(), "args": args, "epoch": 1},
                tmp_path / "checkpoint.pth")
-    model, saved = checkpoint.load_backbone(tmp_path / "checkpoint.pth")
+    model, saved = backbone.load(tmp_path / "checkpoint.pth")
     assert len(model.blocks) == 2 and model.patch_size == 7 and saved["global_crop_size"] == 28
     assert_loaded(model, wrapper.backbone.state_dict())
 
@@ -112,7 +113,7 @@ def test_a_file_that_does_not_fit_is_refused_in_one_line(tmp_path, arch, patch_s
     shapes = SHAPES.get(file_shapes, {"conv1.weight": [64, 3, 7, 7], "fc.weight": [1000, 2048]})
     torch.save(constant_tensors(shapes, 0.0), tmp_path / "weights.pth")
     with pytest.raises(ConfigError) as error:
-        checkpoint.load_backbone(tmp_path / "weights.pth", arch, patch_size)
+        backbone.load(tmp_path / "weights.pth", arch, patch_size)
     message = str(error.value)
     assert all(m in message for m in messages) and "\n" not in message
     assert message.endswith("check --arch, --patch_size and --checkpoint_key")
@@ -126,10 +127,10 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
     """weights_only=True: a pickle naming any other class than tensors, containers and Namespace is not loaded."""
     torch.save({"teacher": {}, "args": NotAllowed()}, tmp_path / "unsafe.pth")
     with pytest.raises(ConfigError, match="cannot read .* as a safe torch checkpoint"):
-        checkpoint.load_backbone(tmp_path / "unsafe.pth")
+        backbone.load(tmp_path / "unsafe.pth")
 
 
 def test_a_missing_checkpoint_key_names_the_keys_there(tmp_path):
     torch.save({"model": {"x": torch.zeros(1)}, "epoch": 3}, tmp_path / "other.pth")
     with pytest.raises(ConfigError, match="no 'teacher' entry .*epoch, model"):
-        checkpoint.load_backbone(tmp_path / "other.pth")
+        backbone.load(tmp_path / "other.pth")

@@ -21,6 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
+import backbone
 import checkpoint
 import data
 import train
@@ -276,7 +277,7 @@ def test_a_checkpoint_carrying_code_is_refused_and_its_code_never_runs(tmp_path)
         train.main(TINY + ["--output_dir", str(tmp_path / "out")])  # resume
     for path in (tmp_path / "plain.pth", tmp_path / "out" / "checkpoint.pth"):
         with pytest.raises(ConfigError, match="as a safe torch checkpoint"):
-            checkpoint.load_backbone(path)  # eval_knn, eval_linear, visualize_attention
+            backbone.load(path)  # eval_knn, eval_linear, visualize_attention
     assert not marker.exists()
     torch.load(tmp_path / "out" / "checkpoint.pth", weights_only=False)  # the control: the payload is real
     assert marker.exists()

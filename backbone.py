@@ -1,0 +1,109 @@
+"""One way to get a backbone: the flags every script shares, the model built from them, the evaluation size.
+
+Every script that looks at a backbone (eval_knn.py, eval_linear.py, visualize_attention.py, the dense,
+video and retrieval scripts) gets it here, so the flags, their defaults, the device check and the message of
+a random init are the same everywhere:
+
+    import backbone, cli
+    p = cli.ArgumentParser(description="...")
+    backbone.add_args(p)  # --pretrained_weights --checkpoint_key --arch --patch_size --depth --device
+    args = p.parse_args()
+    model, saved = backbone.from_args(args)  # in eval mode on args.device; saved: the training args, or {}
+
+`--pretrained_weights` is one of our checkpoints (train.py's output/checkpoint.pth, the default), an official
+training checkpoint or an official pretrained backbone file (dino_deitsmall16_pretrain.pth...); `random`
+gives the architecture at random init (seed 0), the baseline that has learned nothing.
+"""
+import argparse
+import os
+
+import torch
+
+import checkpoint
+import cli
+import vit
+from cli import ConfigError
+
+RANDOM = "random"  # --pretrained_weights random: no weights
+
+
+def add_args(parser):
+    """The backbone flags, in a group of their own, with one set of defaults for every script."""
+    g = parser.add_argument_group("backbone")
+    g.add_argument("--pretrained_weights", default="output/checkpoint.pth", help="our checkpoint (train.py's "
+                   "output), an official training checkpoint or an official backbone file "
+                   f"(dino_deitsmall16_pretrain.pth...); '{RANDOM}': the architecture at random init (seed 0)")
+    g.add_argument("--checkpoint_key", default="teacher", choices=["teacher", "student"],
+                   help="which network of a training checkpoint (the paper evaluates the teacher)")
+    g.add_argument("--arch", default=None, choices=list(vit.ARCHS),
+                   help="default: the checkpoint's, else vit_small (official backbone files hold no args)")
+    g.add_argument("--patch_size", type=cli.positive_int, default=None, help="default: the checkpoint's, else 16")
+    g.add_argument("--depth", type=cli.positive_int, default=None,
+                   help="number of blocks (default: the checkpoint's, else the arch's 12)")
+    g.add_argument("--device", type=cli.device, default=None, help="cuda or cpu (default: cuda when available)")
+    return g
+
+
+def default_device(name=None):
+    """torch.device(name), or cuda when this machine has a GPU, else the CPU."""
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def build(arch, patch_size=16, depth=None, drop_path_rate=0.0):
+    """A randomly initialized backbone by name (vit.ARCHS)."""
+    if arch not in vit.ARCHS:
+        raise ConfigError(f"unknown arch {arch!r}: this code has {', '.join(vit.ARCHS)}")
+    return vit.ARCHS[arch](patch_size=patch_size, drop_path_rate=drop_path_rate, **({"depth": depth} if depth else {}))
+
+
+def load(path, arch=None, patch_size=None, key="teacher", depth=None):
+    """(backbone with the weights of `path`, the training args saved with them as a dict, {} for a backbone file).
+
+    arch, patch_size and depth default to the checkpoint's args, else the official vit_small with patch 16.
+    """
+    ckpt = checkpoint.load_state_dict(path)
+    state_dict = checkpoint.backbone_state_dict(ckpt, key)
+    saved = ckpt.get("args", {})
+    saved = vars(saved) if isinstance(saved, argparse.Namespace) else dict(saved)  # official: a Namespace
+    model = build(arch or saved.get("arch", "vit_small"), patch_size or saved.get("patch_size", 16),
+                  depth or saved.get("depth"))
+    checkpoint.load_strict(model, state_dict, f"{path} ({key})" if isinstance(ckpt.get(key), dict) else str(path))
+    return model, saved
+
+
+def from_args(args):
+    """(backbone in eval mode on the device, saved training args) from the flags of add_args.
+
+    Fills in what the flags left open: args.device becomes a torch.device, and args.arch, args.patch_size and
+    args.depth say what was built, so a script can build the same architecture at random init (random_like).
+    """
+    args.device = default_device(args.device)
+    if args.pretrained_weights == RANDOM:
+        torch.manual_seed(0)
+        model, saved = build(args.arch or "vit_small", args.patch_size or 16, args.depth), {}
+        print(f"--pretrained_weights {RANDOM}: {args.arch or 'vit_small'}/{model.patch_size} at random init (seed 0), "
+              f"a baseline that has learned nothing")
+    else:
+        if args.pretrained_weights == "output/checkpoint.pth" and not os.path.isfile(args.pretrained_weights):
+            raise ConfigError("output/checkpoint.pth does not exist: train first (python train.py), or give "
+                              f"--pretrained_weights a weights file, or '{RANDOM}' for a random init")
+        model, saved = load(args.pretrained_weights, args.arch, args.patch_size, args.checkpoint_key, args.depth)
+    args.arch = args.arch or saved.get("arch", "vit_small")
+    args.patch_size, args.depth = model.patch_size, len(model.blocks)
+    return model.to(args.device).eval(), saved
+
+
+def random_like(model, seed=0):
+    """The same architecture as `model` at random init (seed `seed`), in eval mode on the same device."""
+    torch.manual_seed(seed)
+    random = vit.VisionTransformer(model.patch_size, model.embed_dim, len(model.blocks), model.num_heads)
+    return random.to(next(model.parameters()).device).eval()
+
+
+def eval_size(requested, saved, dataset_size, patch_size, flag="--image_size"):
+    """The evaluation crop side: the one asked for, else the global crop size the backbone was trained at, else
+    the dataset's image side; a multiple of the patch size."""
+    size = requested or saved.get("global_crop_size") or dataset_size
+    if size % patch_size:
+        raise ConfigError(f"{flag} {size} is not a multiple of the patch size {patch_size}: choose a multiple")
+    return size
