@@ -1,4 +1,4 @@
-"""Throughput of DINO training (project issue 5): the training step alone, the multi-crop data pipeline alone,
+"""Throughput of DINO training: the training step alone, the multi-crop data pipeline alone,
 and the whole training loop, printed as a markdown table (what, images/s, peak memory, conditions).
 
 One image is 2 global + N local crops. Each figure is the median of --repeats timed windows after warm-up, with
@@ -31,8 +31,8 @@ import data
 import train
 from augment import DataAugmentationDINO, EpochSampler, MultiCropDataset, photometric_views
 
-# The official code (facebookresearch/dino) measured on one H100 with 16 CPU cores, torch 2.11, from
-# ../shared/facts/official_dino.md ("Measured here on one H100"): (what, images/s, peak memory, conditions).
+# The official code (facebookresearch/dino) measured on one H100 with 16 CPU cores, torch 2.11:
+# (what, images/s, peak memory, conditions).
 OFFICIAL = [
     ("official: step", 401, "12.1 GiB", "ViT-S/16, 2x224 + 10x96, out_dim 65536, batch 64, fp16, random crops"),
     ("official: step", 610, "23.2 GiB", "ViT-S/16, 2x224 + 10x96, out_dim 65536, batch 128, fp16, random crops"),

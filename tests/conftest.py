@@ -35,3 +35,22 @@ def write_checkpoint(path, model=None, **args):
     args = {"arch": "vit_tiny", "patch_size": model.patch_size, "depth": len(model.blocks), **args}
     torch.save({"teacher": {f"backbone.{k}": v for k, v in model.state_dict().items()}, "args": args}, path)
     return str(path)
+
+
+def load(out, name="checkpoint.pth"):
+    """The checkpoint train.py wrote in folder `out`."""
+    return torch.load(Path(out) / name, map_location="cpu", weights_only=True)
+
+
+def relative_difference(a, b):
+    return ((a - b).norm() / b.norm()).item() if b.norm() > 0 else (a - b).norm().item()
+
+
+def no_key_bias(name, value):
+    """qkv.bias without its key part: the key bias has a zero gradient in exact arithmetic (softmax ignores a
+    constant added to all of a query's logits), so its updates are AdamW steps on rounding noise. It is compared
+    only within the whole state dict, where it weighs nothing."""
+    if name.endswith("attn.qkv.bias"):
+        q, k, v = value.chunk(3)
+        return torch.cat([q, v])
+    return value

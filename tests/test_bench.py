@@ -1,4 +1,4 @@
-"""bench.py measures the three figures of issue 5 (step, data pipeline, whole loop) and prints them as a table."""
+"""bench.py measures its three figures (step, data pipeline, whole loop) and prints them as a table."""
 import math
 
 import bench
@@ -25,5 +25,5 @@ def test_every_part_prints_a_positive_finite_images_per_s(tmp_path, capsys):
     for what in ("step (train_step)", "pipeline: decode + multi-crop (DataLoader)",
                  "pipeline: photometric ops on the device", "whole loop (train.main)"):
         assert len(rows[what]) == 1 and 0 < rows[what][0] < math.inf, what
-    assert rows["official: step"] == [401, 610]  # ../shared/facts/official_dino.md
+    assert rows["official: step"] == [401, 610]  # the official step measured on one H100
     assert len(list((tmp_path / "jpegs").rglob("*.jpg"))) == 20  # 10 distinct JPEGs, each listed twice

@@ -17,9 +17,8 @@ import checkpoint
 from cli import ConfigError
 from head import DINOHead, MultiCropWrapper
 
-FACTS = [Path(__file__).resolve().parent / "official_dino_state_dict_shapes.json",
-         Path(__file__).resolve().parents[2] / "shared" / "facts" / "official_dino_state_dict_shapes.json"]
-SHAPES = next((json.loads(f.read_text()) for f in FACTS if f.exists()), None)
+FACTS = Path(__file__).resolve().parent / "official_dino_state_dict_shapes.json"  # of the official releases
+SHAPES = json.loads(FACTS.read_text()) if FACTS.exists() else None
 needs_shapes = pytest.mark.skipif(SHAPES is None, reason="official_dino_state_dict_shapes.json not found")
 
 

@@ -10,13 +10,12 @@ from PIL import Image
 
 import collapse_study
 import train
+from conftest import TINY_TRAIN
 
 K = 64
-TINY = ["--data_path", "fashion_mnist", "--subset", "256", "--arch", "vit_tiny", "--depth", "1", "--patch_size", "7",
-        "--global_crop_size", "28", "--local_crop_size", "14", "--out_dim", str(K), "--head_hidden_dim", "256",
-        "--local_crops_number", "2", "--batch_size_per_gpu", "32", "--num_workers", "0", "--knn_every", "0",
-        "--warmup_epochs", "0", "--freeze_last_layer", "0", "--lr", "0.005", "--momentum_teacher", "0.95",
-        "--warmup_teacher_temp", "0.03", "--teacher_temp", "0.03", "--epochs", "4", "--log_every", "8"]
+TINY = TINY_TRAIN + ["--subset", "256", "--out_dim", str(K), "--head_hidden_dim", "256", "--batch_size_per_gpu", "32",
+                    "--knn_every", "0", "--freeze_last_layer", "0", "--lr", "0.005", "--momentum_teacher", "0.95",
+                    "--warmup_teacher_temp", "0.03", "--teacher_temp", "0.03", "--epochs", "4", "--log_every", "8"]
 
 
 def final_row(tmp_path, flags):

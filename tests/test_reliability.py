@@ -26,19 +26,13 @@ import checkpoint
 import data
 import train
 from cli import ConfigError
+from conftest import TINY_TRAIN, load, no_key_bias, relative_difference
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--data_path", "fashion_mnist", "--subset", "64", "--arch", "vit_tiny", "--depth", "1", "--patch_size", "7",
-        "--global_crop_size", "28", "--local_crop_size", "14", "--out_dim", "64", "--local_crops_number", "2",
-        "--batch_size_per_gpu", "16", "--epochs", "1", "--warmup_epochs", "0", "--freeze_last_layer", "0",
-        "--knn_every", "0", "--saveckp_freq", "0", "--num_workers", "0", "--log_every", "1", "--precision", "fp32",
-        "--device", "cpu"]
+TINY = TINY_TRAIN + ["--subset", "64", "--batch_size_per_gpu", "16", "--epochs", "1", "--freeze_last_layer", "0",
+                    "--knn_every", "0", "--saveckp_freq", "0", "--log_every", "1", "--precision", "fp32"]
 RESUME = TINY + ["--depth", "2", "--drop_path_rate", "0.2", "--epochs", "2"]  # 8 steps
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
-
-
-def load(out, name="checkpoint.pth"):
-    return torch.load(Path(out) / name, map_location="cpu", weights_only=True)
 
 
 def read_log(out):
@@ -241,20 +235,6 @@ def test_two_processes_of_batch_16_give_one_process_of_batch_32(tmp_path):
     assert [row["epoch"] for row in log_two] == [-1, 0, 1]  # k-NN before training, 2 epochs: rank 1 wrote nothing
     for a, b in zip(log_two[1:], log_one[1:]):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
-
-
-def relative_difference(a, b):
-    return ((a - b).norm() / b.norm()).item() if b.norm() > 0 else (a - b).norm().item()
-
-
-def no_key_bias(name, value):
-    """qkv.bias without its key part: the key bias has a zero gradient in exact arithmetic (softmax ignores a
-    constant added to all of a query's logits), so its updates are AdamW steps on rounding noise. It is compared
-    only within the whole state dict, where it weighs nothing."""
-    if name.endswith("attn.qkv.bias"):
-        q, k, v = value.chunk(3)
-        return torch.cat([q, v])
-    return value
 
 
 # --- 6. safe loading -------------------------------------------------------------------------------------

@@ -10,12 +10,11 @@ import pytest
 import torch
 
 import train
+from conftest import TINY_TRAIN
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--data_path", "fashion_mnist", "--subset", "256", "--arch", "vit_tiny", "--depth", "1",
-        "--patch_size", "7", "--global_crop_size", "28", "--local_crop_size", "14", "--out_dim", "128",
-        "--local_crops_number", "2", "--batch_size_per_gpu", "32", "--num_workers", "0", "--knn_every", "1",
-        "--lr", "0.002", "--warmup_epochs", "0", "--log_every", "2"]  # crop sizes: also for folders (no preset)
+TINY = TINY_TRAIN + ["--subset", "256", "--out_dim", "128", "--batch_size_per_gpu", "32", "--knn_every", "1",
+                    "--lr", "0.002", "--log_every", "2"]
 
 
 def read_log(out):

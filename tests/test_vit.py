@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import vit
 
-FACTS = Path(__file__).resolve().parent / "official_dino_state_dict_shapes.json"  # copied from shared/facts
+FACTS = Path(__file__).resolve().parent / "official_dino_state_dict_shapes.json"  # names and shapes of the official releases
 
 
 def official_vit_shapes(dim, patch_size, depth=12):
