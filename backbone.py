@@ -18,6 +18,8 @@ import argparse
 import os
 
 import torch
+import torch.nn as nn
+import torchvision
 
 import checkpoint
 import cli
@@ -35,8 +37,8 @@ def add_args(parser):
                    f"(dino_deitsmall16_pretrain.pth...); '{RANDOM}': the architecture at random init (seed 0)")
     g.add_argument("--checkpoint_key", default="teacher", choices=["teacher", "student"],
                    help="which network of a training checkpoint (the paper evaluates the teacher)")
-    g.add_argument("--arch", default=None, choices=list(vit.ARCHS),
-                   help="default: the checkpoint's, else vit_small (official backbone files hold no args)")
+    g.add_argument("--arch", type=arch_name, default=None, help="vit_tiny, vit_small, vit_base or a torchvision "
+                   "model (resnet50); default: the checkpoint's, else vit_small (official backbone files hold no args)")
     g.add_argument("--patch_size", type=cli.positive_int, default=None, help="default: the checkpoint's, else 16")
     g.add_argument("--depth", type=cli.positive_int, default=None,
                    help="number of blocks (default: the checkpoint's, else the arch's 12)")
@@ -49,11 +51,36 @@ def default_device(name=None):
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+def arch_name(name):
+    """An argparse type: a ViT of vit.py (vit_tiny, vit_small, vit_base) or a torchvision classification model."""
+    if name not in vit.ARCHS and name not in torchvision.models.list_models(module=torchvision.models):
+        raise argparse.ArgumentTypeError(f"unknown arch {name!r}: {', '.join(vit.ARCHS)} or a torchvision "
+                                         f"classification model such as resnet50")
+    return name
+
+
 def build(arch, patch_size=16, depth=None, drop_path_rate=0.0):
-    """A randomly initialized backbone by name (vit.ARCHS)."""
-    if arch not in vit.ARCHS:
-        raise ConfigError(f"unknown arch {arch!r}: this code has {', '.join(vit.ARCHS)}")
-    return vit.ARCHS[arch](patch_size=patch_size, drop_path_rate=drop_path_rate, **({"depth": depth} if depth else {}))
+    """A randomly initialized backbone by name: a ViT of vit.py, or a torchvision model without its classifier."""
+    if arch in vit.ARCHS:
+        return vit.ARCHS[arch](patch_size=patch_size, drop_path_rate=drop_path_rate,
+                               **({"depth": depth} if depth else {}))
+    try:
+        model = torchvision.models.get_model(arch, weights=None)
+    except ValueError:
+        raise ConfigError(f"unknown arch {arch!r}: {', '.join(vit.ARCHS)} or a torchvision classification model "
+                          f"such as resnet50") from None
+    # As the official code: the classifier (the last linear layer: resnet50's fc) becomes an identity, so the
+    # backbone gives its pooled features, embed_dim wide. NOTE: the official replaces `fc` (and `head`) only.
+    name = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    parent, _, child = name.rpartition(".")
+    model.embed_dim = getattr(model.get_submodule(parent), child).in_features
+    setattr(model.get_submodule(parent), child, nn.Identity())
+    model.arch_name = arch
+    return model
+
+
+def is_vit(model):
+    return isinstance(model, vit.VisionTransformer)
 
 
 def load(path, arch=None, patch_size=None, key="teacher", depth=None):
@@ -71,17 +98,18 @@ def load(path, arch=None, patch_size=None, key="teacher", depth=None):
     return model, saved
 
 
-def from_args(args):
+def from_args(args, needs_vit=None):
     """(backbone in eval mode on the device, saved training args) from the flags of add_args.
 
     Fills in what the flags left open: args.device becomes a torch.device, and args.arch, args.patch_size and
-    args.depth say what was built, so a script can build the same architecture at random init (random_like).
+    args.depth say what was built. needs_vit: the script's name when it works on a ViT's patches or attention
+    (a convnet is then refused in one line).
     """
     args.device = default_device(args.device)
     if args.pretrained_weights == RANDOM:
         torch.manual_seed(0)
         model, saved = build(args.arch or "vit_small", args.patch_size or 16, args.depth), {}
-        print(f"--pretrained_weights {RANDOM}: {args.arch or 'vit_small'}/{model.patch_size} at random init (seed 0), "
+        print(f"--pretrained_weights {RANDOM}: {describe(model, args.arch or 'vit_small')} at random init (seed 0), "
               f"a baseline that has learned nothing")
     else:
         if args.pretrained_weights == "output/checkpoint.pth" and not os.path.isfile(args.pretrained_weights):
@@ -89,14 +117,24 @@ def from_args(args):
                               f"--pretrained_weights a weights file, or '{RANDOM}' for a random init")
         model, saved = load(args.pretrained_weights, args.arch, args.patch_size, args.checkpoint_key, args.depth)
     args.arch = args.arch or saved.get("arch", "vit_small")
-    args.patch_size, args.depth = model.patch_size, len(model.blocks)
+    if needs_vit and not is_vit(model):
+        raise ConfigError(f"{needs_vit} needs a ViT ({', '.join(vit.ARCHS)}): {args.arch} has no patch tokens "
+                          f"or attention")
+    args.patch_size, args.depth = getattr(model, "patch_size", None), len(getattr(model, "blocks", [])) or None
     return model.to(args.device).eval(), saved
+
+
+def describe(model, arch):
+    return f"{arch}/{model.patch_size}" if is_vit(model) else arch
 
 
 def random_like(model, seed=0):
     """The same architecture as `model` at random init (seed `seed`), in eval mode on the same device."""
     torch.manual_seed(seed)
-    random = vit.VisionTransformer(model.patch_size, model.embed_dim, len(model.blocks), model.num_heads)
+    if is_vit(model):
+        random = vit.VisionTransformer(model.patch_size, model.embed_dim, len(model.blocks), model.num_heads)
+    else:
+        random = build(model.arch_name)
     return random.to(next(model.parameters()).device).eval()
 
 

@@ -108,7 +108,8 @@ def get_args_parser():
 
 def add_model_args(g):
     pos, posf = cli.positive_int, cli.positive_float
-    g.add_argument("--arch", default="vit_small", choices=list(vit.ARCHS), help="the ViT backbone (Sec. 3.2)")
+    g.add_argument("--arch", type=backbone.arch_name, default="vit_small", help="the backbone (Sec. 3.2): vit_tiny, "
+                   "vit_small, vit_base, or a torchvision model such as resnet50 (its classifier removed)")
     g.add_argument("--patch_size", type=pos, default=16, help="patch side in pixels (Sec. 5.1: 8 is better, slower)")
     g.add_argument("--depth", type=pos, default=None, help="number of blocks (default: the arch's 12)")
     g.add_argument("--out_dim", type=pos, default=65536, help="K, the head's output width (65536 for ImageNet)")
@@ -135,7 +136,7 @@ def parse_args(argv=None):
     parser.set_defaults(**PRESETS.get(known.data_path, {}))
     args = parser.parse_args(argv)
     for name, value in vars(args).items():
-        if name.endswith("crop_size") and value % args.patch_size:
+        if name.endswith("crop_size") and args.arch in vit.ARCHS and value % args.patch_size:
             raise ConfigError(f"--{name} {value} is not a multiple of --patch_size {args.patch_size}: pick a crop "
                               f"size divisible by the patch size")
         if name in ("global_crops_scale", "local_crops_scale", "blur_sigma") and not 0 < value[0] <= value[1]:
@@ -187,14 +188,14 @@ class Training:
 
 def build_training(args, device, world_size=1, distributed=False, niter=1):
     """The student and the teacher (starting equal), the loss, the optimizer and the per-iteration schedules."""
-    student = backbone.build(args.arch, args.patch_size, args.depth, args.drop_path_rate)
+    student = backbone.build(args.arch, args.patch_size, args.depth, args.drop_path_rate)  # drop path: ViTs only
     teacher = backbone.build(args.arch, args.patch_size, args.depth, 0.0)
     head = lambda norm_last_layer: DINOHead(width, args.out_dim, args.use_bn_in_head, norm_last_layer,
                                             hidden_dim=args.head_hidden_dim)
     width = student.embed_dim
     student = MultiCropWrapper(student, head(args.norm_last_layer)).to(device)
     teacher = MultiCropWrapper(teacher, head(True)).to(device)  # no gradient reaches it anyway
-    if distributed and args.use_bn_in_head:
+    if distributed and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in student.modules()):
         student, teacher = map(nn.SyncBatchNorm.convert_sync_batchnorm, (student, teacher))
     student_ddp = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda"
                                                       else None) if distributed else student  # broadcasts rank 0
