@@ -142,6 +142,8 @@ def eval_size(requested, saved, dataset_size, patch_size, flag="--image_size"):
     """The evaluation crop side: the one asked for, else the global crop size the backbone was trained at, else
     the dataset's image side; a multiple of the patch size."""
     size = requested or saved.get("global_crop_size") or dataset_size
-    if size % patch_size:
-        raise ConfigError(f"{flag} {size} is not a multiple of the patch size {patch_size}: choose a multiple")
+    if patch_size and size % patch_size:
+        origin = f"{flag} {size}" if requested else (f"the evaluation size {size} (the checkpoint's global crop size)"
+                 if saved.get("global_crop_size") else f"the evaluation size {size} (the dataset's image size)")
+        raise ConfigError(f"{origin} is not a multiple of the patch size {patch_size}: give {flag} a multiple")
     return size

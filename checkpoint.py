@@ -34,7 +34,7 @@ def load_state_dict(path):
     except Exception as e:
         # torch's own message is pages long and advises weights_only=False, which no flag here allows
         reason = ("it holds Python objects other than tensors and plain values (such a file could run code)"
-                  if isinstance(e, pickle.UnpicklingError) and "weights_only" in str(e)
+                  if isinstance(e, pickle.UnpicklingError) and "Unsupported global" in str(e)
                   else f"it is not a file written by torch.save ({type(e).__name__})")
         raise ConfigError(f"cannot read {path} as a safe torch checkpoint: {reason}; expected train.py's "
                           f"checkpoint.pth, an official training checkpoint or an official backbone file") from None

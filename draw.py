@@ -1,15 +1,22 @@
 """Pictures a person can read without the README: labelled image grids and line charts, drawn with PIL.
 
     labelled_grid(rows, col_titles, row_titles, caption)   a grid of uint8 (3, H, W) images with titles
-    line_chart(...) / plot_panels(...)                     axes, ticks and curves (collapse_study.py, curves.png)
+    draw_panel(...)                                        axes, ticks and curves (collapse_study.py's figure)
+    training_curves(rows, out_dim, path)                   a run's curves.png, drawn by train.py after each epoch
+
+    python draw.py output/log.txt                          redraw curves.png from any run's log.txt
 
 PIL comes with torchvision; nothing else is needed.
 """
+import json
 import math
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+import checkpoint
+import cli
 
 COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
 
@@ -88,7 +95,7 @@ def draw_panel(draw, box, title, curves, key, y_high, font, hline=None, x_label=
     """Axes, ticks and one polyline per curve inside box = (left, top, right, bottom) of the plotting area.
     curves: {legend: {"steps": [...], key: [...]}}; hline: (value, label) drawn dashed."""
     left, top, right, bottom = box
-    x_high = max(max(c["steps"]) for c in curves.values())
+    x_high = max(max(max(c["steps"]) for c in curves.values()), 1)
     x_ticks = [s for s in nice_ticks(x_high) if s <= x_high]  # the x axis ends at the last step
     y_ticks = nice_ticks(y_high)
     y_high = y_ticks[-1]
@@ -118,22 +125,66 @@ def draw_panel(draw, box, title, curves, key, y_high, font, hline=None, x_label=
             draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=color)
 
 
-def plot_curves(curves, ln_k, path, size=(960, 400)):
-    """Fig. 7 of the paper: teacher entropy (with ln K dashed) and KL(P_t || P_s) against steps, side by side.
-    curves: {legend: {"steps": [...], "teacher_entropy": [...], "kl_teacher_student": [...]}}."""
-    width, height = size
+# --- a training run's curves ---------------------------------------------------------------------------------
+def read_log(path):
+    """The rows of a train.py log.txt (one JSON object per epoch; epoch -1: the k-NN before training)."""
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.endswith("}")]
+    if not rows:
+        raise ValueError(f"{path} holds no log row yet")
+    return rows
+
+
+def training_curves(rows, out_dim, path, title="", size=(1050, 620)):
+    """curves.png: loss, teacher entropy against ln K, KL(P_t || P_s), k-NN top-1 and lr against epochs (a point
+    at the end of each epoch; the k-NN before training at 0). Sec. 5.3: a healthy run keeps the entropy between 0
+    and ln K and the KL above 0."""
+    epochs = [r for r in rows if r["epoch"] >= 0]
+    at = lambda rs, key: {"run": {"steps": [r["epoch"] + 1 for r in rs], key: [r[key] for r in rs]}}
+    knn = [dict(r, epoch=r["epoch"]) for r in rows if "knn_top1" in r]
+    ln_k = math.log(out_dim)
     image = Image.new("RGB", size, "white")
-    draw, font = ImageDraw.Draw(image), ImageFont.load_default(size=13)
-    legend_h = 26
-    top, bottom, half = 30, height - 44 - legend_h, width // 2
-    kl_high = max(max(c["kl_teacher_student"]) for c in curves.values())
-    draw_panel(draw, (55, top, half - 15, bottom), "teacher entropy H(P_t)", curves, "teacher_entropy",
-               1.1 * ln_k, font, hline=(ln_k, f"ln K = {ln_k:.2f}"))
-    draw_panel(draw, (half + 55, top, width - 15, bottom), "KL(P_t || P_s)", curves, "kl_teacher_student",
-               max(1.1 * kl_high, 1e-3), font)
-    for i, (color, label) in enumerate(zip(COLORS, curves)):  # the legend: one row under the panels
-        x, y = 55 + i * (width - 55) // len(curves), height - legend_h
-        draw.line([(x, y + 6), (x + 24, y + 6)], fill=color, width=3)
-        draw.text((x + 30, y + 6), label, fill="black", font=font, anchor="lm")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, optimize=True)
+    draw, f = ImageDraw.Draw(image), load_font(13)
+    w, h = size[0] // 3, (size[1] - 40) // 2
+    box = lambda col, row: (col * w + 60, 40 + row * h + 20, (col + 1) * w - 20, 40 + (row + 1) * h - 46)
+    high = lambda values: max(1.1 * max(values), 1e-9)
+    panels = [("training loss", "train_loss", None), ("teacher entropy H(P_t)", "teacher_entropy",
+                                                       (ln_k, f"ln K = {ln_k:.2f}")),
+              ("KL(P_t || P_s) = loss - entropy", "kl_teacher_student", None), ("lr", "train_lr", None)]
+    for i, (name, key, hline) in enumerate(panels):
+        if epochs:
+            top = max(high([r[key] for r in epochs]), 1.1 * ln_k if hline else 0)
+            draw_panel(draw, box(i % 3 if i < 3 else 1, i // 3), name, at(epochs, key), key, top, f, hline, "epochs")
+    if knn:
+        draw_panel(draw, box(0, 1), "k-NN top-1 (%)", at(knn, "knn_top1"), "knn_top1", 100, f, x_label="epochs")
+    last = epochs[-1] if epochs else {}
+    notes = [title, f"{len(epochs)} epochs logged"] + ([f"last loss {last['train_loss']:.4f}",
+             f"entropy {last['teacher_entropy']:.3f} of ln K {ln_k:.2f}"] if last else []) + (
+             [f"k-NN top-1 {knn[0]['knn_top1']:.2f}% -> {knn[-1]['knn_top1']:.2f}%"] if knn else [])
+    for j, line in enumerate(filter(None, notes)):
+        draw.text((2 * w + 40, 40 + h + 30 + 20 * j), line, fill="black", font=f)
+    draw.text((size[0] / 2, 8), "DINO training curves" + (f": {title}" if title else ""), fill="black", font=f,
+              anchor="mt")
+    return save(image, path)
+
+
+def main(argv=None):
+    p = cli.ArgumentParser(description="Draw curves.png of a train.py run from its log.txt (resumed runs included)")
+    p.add_argument("log", nargs="?", type=cli.existing_file, default="output/log.txt", help="a train.py log.txt")
+    p.add_argument("--out_dim", type=cli.positive_int, default=None, help="K of the run, for ln K (default: the "
+                   "checkpoint.pth beside the log)")
+    p.add_argument("--output", default=None, help="the PNG (default: curves.png beside the log)")
+    args = p.parse_args(argv)
+    folder = Path(args.log).parent
+    if args.out_dim is None:
+        if not (folder / "checkpoint.pth").is_file():
+            raise cli.ConfigError(f"no checkpoint.pth beside {args.log} to read out_dim from: give --out_dim")
+        args.out_dim = checkpoint.load_state_dict(folder / "checkpoint.pth")["args"]["out_dim"]
+    try:
+        rows = read_log(args.log)
+    except (ValueError, KeyError) as e:
+        raise cli.ConfigError(f"{args.log} is not a train.py log ({e})") from None
+    print(training_curves(rows, args.out_dim, args.output or folder / "curves.png", str(folder)))
+
+
+if __name__ == "__main__":  # python draw.py output/log.txt: redraw a run's curves
+    cli.run_cli(main)

@@ -26,13 +26,14 @@ import os
 
 import torch
 import PIL.Image
-from torchvision.utils import make_grid, save_image
 from torchvision.transforms.v2 import functional as TF
 
+import backbone
 import data
+import draw
 from cli import ArgumentParser, ConfigError, existing_dir, nonneg_int, positive_int, run_cli
-from retrieval import (Whitening, add_common_args, average_precision, backbones, cls_gem_descriptor, extract,
-                       pixel_descriptor, rank_database, report)
+from retrieval import (Whitening, add_evaluation_args, average_precision, cls_gem_descriptor, compared_backbones,
+                       global_descriptors, pixel_descriptor, rank_database, report)
 
 COPYDAYS_BLOCKS = (["original", "strong"] + [f"jpegqual/{q}" for q in (3, 5, 8, 10, 15, 20, 30, 50, 75)]
                    + [f"crops/{c}" for c in (10, 15, 20, 30, 40, 50, 60, 70, 80)])
@@ -57,7 +58,7 @@ def crop_or_rotate(image, other, g):
     return image
 
 
-def overlay(image, other, g):
+def blend_or_strokes(image, other, g):
     """Blend another image over it (30-50%), or draw 2-4 lines of text-like strokes (short bright/dark dashes)."""
     if torch.rand((), generator=g) < 0.5:
         alpha = uniform(g, 0.3, 0.5)
@@ -74,7 +75,7 @@ def overlay(image, other, g):
     return image
 
 
-def photometric(image, other, g):
+def brightness_contrast_or_invert(image, other, g):
     """Brightness x0.5-1.5 and contrast x0.4-1.6, or an inversion of the grey levels."""
     if torch.rand((), generator=g) < 0.25:
         return TF.invert(image)
@@ -96,7 +97,7 @@ def jpeg(image, other, g):
     return TF.pil_to_tensor(PIL.Image.open(buffer))
 
 
-EDITS = (crop_or_rotate, overlay, photometric, blur, jpeg)  # applied in this order
+EDITS = (crop_or_rotate, blend_or_strokes, brightness_contrast_or_invert, blur, jpeg)  # applied in this order
 
 
 def strong_edit(image, other, g, num_edits=3):
@@ -198,35 +199,50 @@ def copy_detection_map(query_feats, db_feats, positives, topk):
 
 
 def evaluate(describe, blocks, database, whitening, device, args):
-    """({"<block> mAP": ..., "<block> top-1": ..., and the same "whitened"}, the first block's ranking (whitened
-    when there is whitening)) for one descriptor."""
-    extract_all = lambda ds, desc: extract(describe, ds, device, args.batch_size, args.num_workers, desc=desc)[0]
-    db = extract_all(database, "database features")
-    white = Whitening(extract_all(whitening, "whitening features")) if whitening is not None else None
-    results, rankings = {}, []
+    """({"<block> mAP": ..., "<block> top-1": ..., and the same "whitened"}, {block: its ranking (Q, topk), whitened
+    when there is whitening}) for one descriptor."""
+    describe_all = lambda ds, desc: global_descriptors(describe, ds, device, args.batch_size, args.num_workers,
+                                                       desc=desc)[0]
+    db = describe_all(database, "database features")
+    white = Whitening(describe_all(whitening, "whitening features")) if whitening is not None else None
+    results, rankings = {}, {}
     for name, queries, positives in blocks:
-        q = extract_all(queries, f"{name} features")
-        results[f"{name} mAP"], results[f"{name} top-1"], ranking = copy_detection_map(q, db, positives, args.topk)
+        q = describe_all(queries, f"{name} features")
+        results[f"{name} mAP"], results[f"{name} top-1"], rankings[name] = copy_detection_map(q, db, positives,
+                                                                                              args.topk)
         if white is not None:
             scores = copy_detection_map(white(q), white(db), positives, args.topk)
-            results[f"{name} mAP whitened"], results[f"{name} top-1 whitened"], ranking = scores
-        rankings.append(ranking)
-    return results, rankings[0]
+            results[f"{name} mAP whitened"], results[f"{name} top-1 whitened"], rankings[name] = scores
+    return results, rankings
 
 
-def save_examples(path, queries, database, ranking, positives, rows=6, top=5, cell=56):
-    """A picture: per row a query, then its `top` first results, the copied originals framed green, others grey."""
-    def framed(image, color):
-        image = TF.resize(data.to_rgb(image), [cell, cell], TF.InterpolationMode.NEAREST)
-        out = torch.tensor(color, dtype=torch.uint8)[:, None, None].repeat(1, cell + 6, cell + 6)  # (3, S+6, S+6)
-        out[:, 3:-3, 3:-3] = image
-        return out
-    cells = []
-    for q in range(min(rows, len(queries))):
-        cells.append(framed(queries[q][0], (255, 255, 255)))
-        cells += [framed(database[j][0], (40, 200, 40) if j in positives[q] else (90, 90, 90))
-                  for j in ranking[q, :top].tolist()]
-    save_image(make_grid(torch.stack(cells), nrow=top + 1, padding=4, pad_value=0) / 255, path)
+def framed(image, color, cell):
+    """uint8 (3, S, S) image resized to cell x cell inside a 3-pixel frame of `color`: (3, cell + 6, cell + 6)."""
+    mode = TF.InterpolationMode.NEAREST if image.shape[-1] <= cell else TF.InterpolationMode.BILINEAR
+    image = TF.resize(data.to_rgb(image), [cell, cell], mode, antialias=True)
+    out = torch.tensor(color, dtype=torch.uint8)[:, None, None].repeat(1, cell + 6, cell + 6)  # (3, S+6, S+6)
+    out[:, 3:-3, 3:-3] = image
+    return out
+
+
+def save_examples(path, block, database, ranking, where, rows=6, top=5, cell=56):
+    """A picture that explains itself: per row an original, its edited copy (the query) and the copy's `top` first
+    results, the original framed green wherever it appears; left of each row, the rank at which it was found.
+    where: what the caption says the ranking is (the data and the features)."""
+    name, queries, positives = block
+    green, grey, dark = (40, 200, 40), (200, 200, 200), (60, 60, 60)
+    grid, row_titles = [], []
+    for q in [q for q in range(len(queries)) if positives[q]][:rows]:  # a query without an original: nothing to show
+        ranked = ranking[q].tolist()
+        found = [r + 1 for r, j in enumerate(ranked) if j in positives[q]]
+        row_titles.append(f"original at rank {found[0]}" if found else f"original not in top {len(ranked)}")
+        grid.append([framed(database[positives[q][0]][0], green, cell), framed(queries[q][0], dark, cell)]
+                    + [framed(database[j][0], green if j in positives[q] else grey, cell) for j in ranked[:top]])
+    caption = (f"Copy detection, {where}. Per row: an original (framed green), its {name} copy, which queries the "
+               f"{len(database):,} database images, and the copy's top {top}, the original framed green where it "
+               f"is found; left: the rank of the original.")
+    titles = ["original", "copy", *(f"top {r}" for r in range(1, top + 1))]
+    draw.save(draw.labelled_grid(grid, titles, row_titles, caption), path)
     print(f"wrote {path}")
 
 
@@ -243,20 +259,20 @@ def get_args(argv=None):
                    help="generated set: training images to learn the whitening on (0: no whitening)")
     p.add_argument("--seed", type=int, default=0, help="generated set: which images, which edits")
     p.add_argument("--imsize", type=positive_int, default=None, help="square image side (default: 320 for "
-                   "Copydays as the official script; the checkpoint's global crop size, else the dataset's)")
+                   "Copydays as the official script; for a generated set a multiple of the patch size, by default the "
+                   "checkpoint's global crop size, else the dataset's)")
     p.add_argument("--topk", type=positive_int, default=20, help="AP over the top k results (official: 20)")
-    p.add_argument("--save_examples", default=None, help="write a PNG of the first queries (first block) and their "
-                   "top 5 with the first features (DINO), copies framed green")
-    add_common_args(p, batch_size=64)
+    p.add_argument("--save_examples", default=None, help="write a PNG: per row an original, its copy (the strong "
+                   "block or the generated edits) and the copy's top 5 with the first features (DINO)")
+    backbone.add_args(p)
+    add_evaluation_args(p, batch_size=64)
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = get_args(argv)
-    device = torch.device(args.device)
-    models, saved = backbones(args.pretrained_weights, args.arch, args.patch_size, args.checkpoint_key,
-                              args.baselines)
-    sources = [(name, cls_gem_descriptor(model.to(device))) for name, model in models]
+    model, saved = backbone.from_args(args)
+    sources = [(name, cls_gem_descriptor(m)) for name, m in compared_backbones(model, args)]
     if os.path.isdir(os.path.join(args.data_path, "original")):
         args.imsize = args.imsize or 320
         blocks, database, whitening = copydays_sets(args)
@@ -264,17 +280,19 @@ def main(argv=None):
         datasets = data.build_datasets(args.data_path, args.data_root)
         if datasets.knn_test is None:
             raise ConfigError(f"{args.data_path} has no test split (val/) to generate copies from")
-        args.imsize = args.imsize or saved.get("global_crop_size") or datasets.image_size
+        args.imsize = backbone.eval_size(args.imsize, saved, datasets.image_size, model.patch_size, "--imsize")
         blocks, database, whitening = generated_sets(args, datasets)
         sources += [("raw pixels", pixel_descriptor)] if args.baselines else []
     results, rankings = {}, {}
     for name, describe in sources:
-        results[name], rankings[name] = evaluate(describe, blocks, database, whitening, device, args)
+        results[name], rankings[name] = evaluate(describe, blocks, database, whitening, args.device, args)
     report(f"copy detection, {args.data_path}, {args.imsize} px, {len(database)} database images, AP over the top "
            f"{args.topk}:", results, args)
-    if args.save_examples:
-        name, queries, positives = blocks[0]
-        save_examples(args.save_examples, queries, database, next(iter(rankings.values())), positives)
+    if args.save_examples:  # a block of copies, not the originals querying themselves (Copydays' first block)
+        block = next((b for b in blocks if b[0] != "original"), blocks[0])
+        features = sources[0][0] + (" features, whitened" if whitening is not None else " features")
+        save_examples(args.save_examples, block, database, rankings[sources[0][0]][block[0]],
+                      f"{args.data_path} at {args.imsize} px, {features}", cell=min(2 * args.imsize, 112))
     return results
 
 

@@ -27,10 +27,11 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as TF
 
+import backbone
 import data
 from cli import ArgumentParser, ConfigError, bool_flag, positive_int, run_cli
-from retrieval import (add_common_args, backbones, class_retrieval, cls_descriptor, compute_map, extract,
-                       pixel_descriptor, report)
+from retrieval import (add_evaluation_args, class_retrieval, cls_descriptor, compared_backbones, compute_map,
+                       global_descriptors, pixel_descriptor, report)
 
 KAPPAS = (1, 5, 10)
 NUMPY_ARRAYS = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
@@ -99,8 +100,8 @@ def evaluate_revisited(describe, args, device):
     """{"mAP_medium", "mP@k_medium", ..., "mAP_hard", ...} for one descriptor on revisited Oxford or Paris."""
     db = OxfordParisDataset(args.data_path, args.dataset, "db", args.imsize)
     queries = OxfordParisDataset(args.data_path, args.dataset, "query", args.imsize)
-    db_feats = extract(describe, db, device, 1, args.num_workers, desc="database features")[0]
-    query_feats = extract(describe, queries, device, 1, args.num_workers, desc="query features")[0]
+    db_feats = global_descriptors(describe, db, device, 1, args.num_workers, desc="database features")[0]
+    query_feats = global_descriptors(describe, queries, device, 1, args.num_workers, desc="query features")[0]
     sim = torch.nn.functional.normalize(db_feats, dim=1) @ torch.nn.functional.normalize(query_feats, dim=1).T
     ranks = sim.argsort(dim=0, descending=True).cpu().numpy()  # (N, Q): the official layout
     results = {}
@@ -114,10 +115,10 @@ def evaluate_revisited(describe, args, device):
 def evaluate_classes(describe, datasets, size, device, args):
     """{"mAP", "mP@1", "mP@5", "mP@10"}: test images query the training images; positives share the query's class."""
     view = lambda ds: data.Transformed(ds, data.EvalTransform(size))
-    db_feats, db_labels = extract(describe, view(datasets.knn_train), device, args.batch_size, args.num_workers,
-                                  desc="database features")
-    query_feats, query_labels = extract(describe, view(datasets.knn_test), device, args.batch_size,
-                                        args.num_workers, desc="query features")
+    describe_all = lambda ds, desc: global_descriptors(describe, view(ds), device, args.batch_size, args.num_workers,
+                                                       desc=desc)
+    db_feats, db_labels = describe_all(datasets.knn_train, "database features")
+    query_feats, query_labels = describe_all(datasets.knn_test, "query features")
     mean_ap, mean_pr = class_retrieval(query_feats, query_labels, db_feats, db_labels, KAPPAS)
     return {"mAP": float(mean_ap)} | {f"mP@{k}": float(p) for k, p in zip(KAPPAS, mean_pr)}
 
@@ -130,18 +131,20 @@ def get_args(argv=None):
                    help="revisited Oxford or Paris; default: class retrieval on --data_path")
     p.add_argument("--imsize", type=positive_int, default=None, help="revisited Oxford/Paris: the long side "
                    "(default 224; the official README uses 224 for Oxford, 512 for Paris); class retrieval: the "
-                   "evaluation crop (default: the checkpoint's global crop size, else the dataset's image size)")
+                   "evaluation crop, a multiple of the patch size (default: the checkpoint's global crop size, "
+                   "else the dataset's image size)")
     p.add_argument("--multiscale", type=bool_flag, default=False,
                    help="average the CLS features at scales 1, 1/sqrt(2), 1/2 (the official --multiscale)")
-    add_common_args(p, batch_size=256)
+    backbone.add_args(p)
+    add_evaluation_args(p, batch_size=256)
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = get_args(argv)
-    device = torch.device(args.device)
-    models, saved = backbones(args.pretrained_weights, args.arch, args.patch_size, args.checkpoint_key, args.baselines)
-    sources = [(name, cls_descriptor(model.to(device), args.multiscale)) for name, model in models]
+    model, saved = backbone.from_args(args)
+    device = args.device
+    sources = [(name, cls_descriptor(m, args.multiscale)) for name, m in compared_backbones(model, args)]
     if args.dataset:
         args.imsize = args.imsize or 224
         evaluate = lambda describe: evaluate_revisited(describe, args, device)
@@ -149,7 +152,7 @@ def main(argv=None):
         datasets = data.build_datasets(args.data_path, args.data_root)
         if datasets.knn_test is None:
             raise ConfigError(f"{args.data_path} has no labelled test split: class retrieval needs train/ and val/")
-        args.imsize = args.imsize or saved.get("global_crop_size") or datasets.image_size
+        args.imsize = backbone.eval_size(args.imsize, saved, datasets.image_size, model.patch_size, "--imsize")
         sources += [("raw pixels", pixel_descriptor)] if args.baselines else []
         evaluate = lambda describe: evaluate_classes(describe, datasets, args.imsize, device, args)
     results = {name: evaluate(describe) for name, describe in sources}

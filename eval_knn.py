@@ -3,7 +3,8 @@
 Each test image votes with its k nearest training images (cosine similarity of L2-normalized features),
 neighbour j weighing exp(sim_j / T); the class with the largest summed weight wins. Paper: k=20, T=0.07.
 
-    python eval_knn.py --pretrained_weights output/checkpoint.pth --data_path fashion_mnist
+    python eval_knn.py                       # output/checkpoint.pth on Fashion-MNIST, the defaults
+    python eval_knn.py --pretrained_weights random --arch vit_tiny --patch_size 7 --depth 4   # its baseline
     python eval_knn.py --pretrained_weights dino_deitsmall16_pretrain.pth --arch vit_small --patch_size 16 \
         --data_path /data/imagenet
 
@@ -14,7 +15,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-import checkpoint
+import backbone
 import cli
 import data
 
@@ -40,14 +41,14 @@ def knn_classifier(train_features, train_labels, test_features, test_labels, k, 
     return 100.0 * top1 / len(test_features), 100.0 * top5 / len(test_features)
 
 
-def knn_top1(backbone, datasets, size, device, k=20, T=0.07):
-    """Top-1 of the weighted k-NN (paper: k = 20, T = 0.07) on the backbone's CLS features of a data.Datasets:
+def knn_top1(model, datasets, size, device, k=20, T=0.07):
+    """Top-1 of the weighted k-NN (paper: k = 20, T = 0.07) on a backbone's CLS features of a data.Datasets:
     its test split against its train split. train.py's online k-NN."""
-    was_training = backbone.training
-    backbone.eval()
-    bank = data.extract_features(backbone, datasets.knn_train, size, device, desc="k-NN train")
-    test = data.extract_features(backbone, datasets.knn_test, size, device, desc="k-NN test")
-    backbone.train(was_training)
+    was_training = model.training
+    model.eval()
+    bank = data.extract_features(model, datasets.knn_train, size, device, desc="k-NN train")
+    test = data.extract_features(model, datasets.knn_test, size, device, desc="k-NN test")
+    model.train(was_training)
     return knn_classifier(*bank, *test, k, T, datasets.num_classes)[0]
 
 
@@ -62,12 +63,7 @@ def knn_report(train, test, num_classes, ks=(10, 20, 100, 200), T=0.07):
 
 def main(argv=None):
     p = cli.ArgumentParser(description="k-NN evaluation of a DINO backbone (paper Sec. 4.1)")
-    p.add_argument("--pretrained_weights", type=cli.existing_file, default="output/checkpoint.pth", help="our "
-                   "checkpoint, an official backbone file or an official *_full_checkpoint.pth")
-    p.add_argument("--checkpoint_key", default="teacher", choices=["teacher", "student"])
-    p.add_argument("--arch", default=None, choices=checkpoint.ARCHS,
-                   help="default: the checkpoint's, else vit_small (official backbone files hold no args)")
-    p.add_argument("--patch_size", type=cli.positive_int, default=None, help="default: the checkpoint's, else 16")
+    backbone.add_args(p)
     p.add_argument("--data_path", default="fashion_mnist", help="dataset name or ImageFolder path (train/, val/)")
     p.add_argument("--data_root", default="data")
     p.add_argument("--image_size", type=cli.positive_int, default=None,
@@ -77,19 +73,13 @@ def main(argv=None):
     p.add_argument("--temperature", type=cli.positive_float, default=0.07, help="T of the vote weights exp(sim / T)")
     p.add_argument("--batch_size", type=cli.positive_int, default=256)
     p.add_argument("--num_workers", type=cli.nonneg_int, default=min(4, os.cpu_count() or 1))
-    p.add_argument("--device", type=cli.device, default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    device = torch.device(args.device)
-    backbone, saved = checkpoint.load_backbone(args.pretrained_weights, args.arch, args.patch_size,
-                                               args.checkpoint_key)
-    backbone = backbone.to(device).eval()
+    model, saved = backbone.from_args(args)
     datasets = data.build_datasets(args.data_path, args.data_root)
     if datasets.knn_test is None:
         raise cli.ConfigError(f"{args.data_path} has no labelled test split: k-NN needs train/ and val/ folders")
-    size = args.image_size or saved.get("global_crop_size") or datasets.image_size
-    if size % backbone.patch_size:
-        raise cli.ConfigError(f"--image_size {size} is not a multiple of the patch size {backbone.patch_size}")
-    extract = lambda ds, desc: data.extract_features(backbone, ds, size, device, args.batch_size, args.num_workers,
+    size = backbone.eval_size(args.image_size, saved, datasets.image_size, model.patch_size)
+    extract = lambda ds, desc: data.extract_features(model, ds, size, args.device, args.batch_size, args.num_workers,
                                                      desc=desc)
     knn_report(extract(datasets.knn_train, "train features"), extract(datasets.knn_test, "test features"),
                datasets.num_classes, args.nb_knn, args.temperature)

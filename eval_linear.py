@@ -8,9 +8,9 @@ decay, lr 0.001 x batch / 256 on a cosine schedule to 0 over the epochs, trained
 --precomputed_features (the default for fashion_mnist, cifar10, cifar100) computes the features of the
 evaluation view once and trains on them without augmentation: the same probe in seconds instead of hours.
 
-    python eval_linear.py --pretrained_weights output/checkpoint.pth          # Fashion-MNIST, features once
+    python eval_linear.py                   # output/checkpoint.pth on Fashion-MNIST, features computed once
     python eval_linear.py --pretrained_weights dino_deitsmall16_pretrain.pth --arch vit_small --patch_size 16 \
-        --data_path /data/imagenet                                              # the paper's protocol
+        --data_path /data/imagenet            # the paper's protocol
 
 Shape letters: B images, N patches, D backbone width, F = D * (n_last_blocks + avgpool) feature width, C classes.
 """
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-import checkpoint
+import backbone
 import cli
 import data
 
@@ -32,12 +32,12 @@ PRECOMPUTED_BY_DEFAULT = ("fashion_mnist", "cifar10", "cifar100")
 class ProbeFeatures(nn.Module):
     """The frozen feature of the linear protocol: normalized images (B, 3, S, S) -> (B, F)."""
 
-    def __init__(self, backbone, n_last_blocks=4, avgpool_patchtokens=False):
+    def __init__(self, model, n_last_blocks=4, avgpool_patchtokens=False):
         super().__init__()
-        if not 1 <= n_last_blocks <= len(backbone.blocks):
-            raise cli.ConfigError(f"--n_last_blocks {n_last_blocks}: the backbone has {len(backbone.blocks)} blocks")
-        self.backbone, self.n_last_blocks, self.avgpool_patchtokens = backbone, n_last_blocks, avgpool_patchtokens
-        self.dim = backbone.embed_dim * (n_last_blocks + int(avgpool_patchtokens))
+        if not 1 <= n_last_blocks <= len(model.blocks):
+            raise cli.ConfigError(f"--n_last_blocks {n_last_blocks}: the backbone has {len(model.blocks)} blocks")
+        self.backbone, self.n_last_blocks, self.avgpool_patchtokens = model, n_last_blocks, avgpool_patchtokens
+        self.dim = model.embed_dim * (n_last_blocks + int(avgpool_patchtokens))
 
     @torch.no_grad()
     def forward(self, x):
@@ -118,12 +118,7 @@ def linear_probe(features, train_set, test_set, num_classes, size, device, epoch
 
 def get_args_parser():
     p = cli.ArgumentParser(description="Linear probe on frozen DINO features (paper Sec. 4.1)")
-    p.add_argument("--pretrained_weights", type=cli.existing_file, default="output/checkpoint.pth",
-                   help="our checkpoint, an official backbone file or an official *_full_checkpoint.pth")
-    p.add_argument("--checkpoint_key", default="teacher", choices=["teacher", "student"])
-    p.add_argument("--arch", default=None, choices=checkpoint.ARCHS,
-                   help="default: the checkpoint's, else vit_small")
-    p.add_argument("--patch_size", type=cli.positive_int, default=None, help="default: the checkpoint's, else 16")
+    backbone.add_args(p)
     p.add_argument("--n_last_blocks", type=cli.positive_int, default=4,
                    help="concatenate the CLS tokens of the last n blocks (paper: 4 for ViT-S, 1 for ViT-B)")
     p.add_argument("--avgpool_patchtokens", type=cli.bool_flag, default=False,
@@ -140,16 +135,13 @@ def get_args_parser():
                    help="crop size (default: the checkpoint's global crop size, else the dataset's)")
     p.add_argument("--subset", type=cli.nonneg_int, default=0, help="use only the first N images of each split")
     p.add_argument("--num_workers", type=cli.nonneg_int, default=min(4, os.cpu_count() or 1))
-    p.add_argument("--device", type=cli.device, default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    device = torch.device(args.device)
-    backbone, saved = checkpoint.load_backbone(args.pretrained_weights, args.arch, args.patch_size,
-                                               args.checkpoint_key)
-    features = ProbeFeatures(backbone.to(device).eval(), args.n_last_blocks, args.avgpool_patchtokens)
+    model, saved = backbone.from_args(args)
+    features = ProbeFeatures(model, args.n_last_blocks, args.avgpool_patchtokens)
     datasets = data.build_datasets(args.data_path, args.data_root, args.subset)
     if datasets.knn_test is None:
         raise cli.ConfigError(f"{args.data_path} has no labelled test split: the probe needs train/ and val/")
@@ -157,14 +149,12 @@ def main(argv=None):
     precomputed = args.precomputed_features
     if precomputed is None:
         precomputed = args.data_path in PRECOMPUTED_BY_DEFAULT
-    size = args.image_size or saved.get("global_crop_size") or datasets.image_size
-    if size % backbone.patch_size:
-        raise cli.ConfigError(f"--image_size {size} is not a multiple of the patch size {backbone.patch_size}")
+    size = backbone.eval_size(args.image_size, saved, datasets.image_size, model.patch_size)
     print(f"linear probe on {features.dim}-d features ({args.n_last_blocks} CLS tokens"
           f"{' + pooled patches' if args.avgpool_patchtokens else ''}) of {len(train_set)} {args.data_path} images, "
           f"{'precomputed features' if precomputed else 'RandomResizedCrop + flip'}, {args.epochs} epochs")
-    top1, top5 = linear_probe(features, train_set, test_set, datasets.num_classes, size, device, args.epochs, args.lr,
-                              args.batch_size, precomputed, args.num_workers)
+    top1, top5 = linear_probe(features, train_set, test_set, datasets.num_classes, size, args.device, args.epochs,
+                              args.lr, args.batch_size, precomputed, args.num_workers)
     print(f"Linear probe on {len(test_set)} test images: top-1 = {top1:.2f}, top-5 = {top5:.2f}")
 
 

@@ -16,10 +16,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import backbone
 import data
-import vit
-from checkpoint import load_backbone
-from cli import bool_flag, existing_file, nonneg_int, positive_int
+from cli import bool_flag, nonneg_int, positive_int
 
 SCALES = (1.0, 2 ** -0.5, 0.5)  # the official multi-scale evaluation
 
@@ -73,7 +72,7 @@ def pixel_descriptor(images):
 
 
 @torch.no_grad()
-def extract(describe, dataset, device, batch_size=256, num_workers=0, desc="features"):
+def global_descriptors(describe, dataset, device, batch_size=256, num_workers=0, desc="features"):
     """describe(uint8 images on device) for every item (uint8 image (3, H, W), label) of `dataset`, with a progress
     bar: features (N, D) float32 on `device` and the labels (N,). Images of different sizes need batch_size 1."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
@@ -184,33 +183,25 @@ def rank_database(query_feats, db_feats, k=None):
 
 
 # --- what the scripts compare -----------------------------------------------------------------------------------
-def backbones(weights, arch=None, patch_size=None, key="teacher", baselines=False):
-    """([(name, ViT in eval mode)], training args saved with the weights): the weights of `weights`; with baselines,
-    also the same architecture at random init (seed 0). The scripts add raw pixels as a third baseline."""
-    model, saved = load_backbone(weights, arch, patch_size, key)
-    models = [(f"DINO ({weights})", model.eval())]
-    if baselines:
-        torch.manual_seed(0)
-        random = vit.VisionTransformer(model.patch_size, model.embed_dim, len(model.blocks), model.num_heads)
-        models.append(("random init", random.eval()))
-    return models, saved
+def compared_backbones(model, args):
+    """[(name, ViT in eval mode)]: the backbone of the flags (backbone.from_args) and, with --baselines, the same
+    architecture at random init (seed 0). The scripts add raw pixels as a third baseline."""
+    if args.pretrained_weights == backbone.RANDOM:
+        return [("random init", model)]
+    models = [(f"DINO ({args.pretrained_weights})", model)]
+    return models + ([("random init", backbone.random_like(model))] if args.baselines else [])
 
 
-def add_common_args(p, batch_size):
-    """The flags both scripts take: the weights to evaluate, the baselines, the output, the device."""
-    p.add_argument("--pretrained_weights", default="output/checkpoint.pth", type=existing_file,
-                   help="our checkpoint, an official training checkpoint or an official backbone file")
-    p.add_argument("--checkpoint_key", default="teacher", choices=["teacher", "student"])
-    p.add_argument("--arch", default=None, choices=["vit_tiny", "vit_small", "vit_base"],
-                   help="default: the checkpoint's, else vit_small (official backbone files hold no args)")
-    p.add_argument("--patch_size", type=positive_int, default=None, help="default: the checkpoint's, else 16")
-    p.add_argument("--data_root", default="data", help="where named datasets are looked for and downloaded")
-    p.add_argument("--baselines", type=bool_flag, default=False, help="also evaluate the architecture at random "
+def add_evaluation_args(p, batch_size):
+    """The flags both scripts take besides the backbone's (backbone.add_args): data, baselines, batching, output."""
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--data_root", default="data", help="where named datasets are looked for and downloaded")
+    g.add_argument("--baselines", type=bool_flag, default=False, help="also evaluate the architecture at random "
                    "init and, where all images have one size, raw pixels")
-    p.add_argument("--batch_size", type=positive_int, default=batch_size)
-    p.add_argument("--num_workers", type=nonneg_int, default=0)
-    p.add_argument("--output_json", default=None, help="also write the results to this JSON file")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--batch_size", type=positive_int, default=batch_size)
+    g.add_argument("--num_workers", type=nonneg_int, default=0)
+    g.add_argument("--output_json", default=None, help="also write the results to this JSON file")
+    return g
 
 
 def report(title, results, args):
@@ -222,4 +213,4 @@ def report(title, results, args):
         print(f"| {name} | " + " | ".join(f"{100 * values[c]:.2f}" for c in columns) + " |")
     if args.output_json:
         with open(args.output_json, "w") as f:
-            json.dump({"args": vars(args), "results": results}, f, indent=1)
+            json.dump({"args": vars(args), "results": results}, f, indent=1, default=str)  # str: the device

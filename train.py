@@ -24,6 +24,7 @@ import backbone
 import checkpoint
 import cli
 import data
+import draw
 import run_control
 import vit
 from augment import photometric_views
@@ -373,6 +374,7 @@ def main(argv=None):
             if main_process:  # the log row, then the checkpoint: a run killed in between drops the row on resume
                 stats = dict(stats, epoch=epoch, epoch_time_s=round(time.time() - t0, 1))
                 run_control.log(out, stats, epoch_message(stats, args.out_dim))
+                draw.training_curves(draw.read_log(out / "log.txt"), args.out_dim, out / "curves.png", str(out))
             save(epoch + 1, 0, None, keep=args.saveckp_freq and (epoch + 1) % args.saveckp_freq == 0)
             if stop.stopped and not last:
                 stop.report(out, epoch + 1, 0, main_process)

@@ -6,12 +6,14 @@ into --output_dir/<image name>/:
   attn-head{j}.png            the CLS-to-patch attention of head j (one patch = patch x patch pixels, nearest)
   attn-mean.png               the mean over the heads
   mask-head{j}.png, mask-mean.png   the smallest set of patches holding --threshold of that map's mass, over the image
-  grid.png                    all of them: heat maps on the first row, masks on the second
+  grid.png                    all of them, titled: heat maps on the first row, masks on the second, a caption
 The images: --image_path, else the first test images of the dataset one of our checkpoints was trained on
 (fashion_mnist, cifar10, ...) at its crop size, else the photos in assets/ at 480 px.
 
+    python visualize_attention.py                                # output/checkpoint.pth, the default
     python visualize_attention.py --pretrained_weights dino_deitsmall8_pretrain.pth --arch vit_small --patch_size 8
-    python visualize_attention.py --pretrained_weights output/checkpoint.pth --foreground_share
+    python visualize_attention.py --pretrained_weights random    # the architecture at random init: nothing learned
+    python visualize_attention.py --foreground_share
 
 --foreground_share measures the property on Fashion-MNIST, whose background is black: the share of the
 CLS attention that falls on the garment, for the model and for the same architecture at random init.
@@ -22,13 +24,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torchvision.transforms.v2 import functional as TF
 
-import checkpoint
+import backbone
 import cli
 import data
-import vit
+import draw
 
 SAMPLE_PHOTOS = sorted((Path(__file__).resolve().parent / "assets").glob("*.jpg"))  # see assets/README.md
 # viridis at 0, 1/4, 1/2, 3/4, 1 (dark purple, blue, teal, green, yellow); heat maps interpolate linearly
@@ -76,7 +77,7 @@ def colorize(maps):
     return rgb.round().to(torch.uint8).movedim(-1, -3)
 
 
-def overlay(image, mask, alpha=0.5):
+def paint_mask(image, mask, alpha=0.5):
     """The uint8 (3, S, S') image with MASK_COLOR blended over the pixels where mask (S, S') is set."""
     m = alpha * mask.float()  # (S, S')
     color = torch.tensor(MASK_COLOR).float().view(3, 1, 1)
@@ -93,30 +94,42 @@ def load_photo(path, image_size, patch_size):
     return TF.center_crop(image, [s // patch_size * patch_size for s in image.shape[-2:]])
 
 
-def write_visualization(model, image, out_dir, threshold):
-    """Writes the PNGs listed at the top for one uint8 (3, S, S') image; returns their paths."""
+def attention_pictures(model, image, threshold):
+    """For one uint8 (3, S, S') image: the names (head0, ..., mean), the CLS attention maps of the last block's
+    heads and of their mean as heat maps, and the image with each map's threshold mask painted in MASK_COLOR,
+    all uint8 (H+1, 3, S, S')."""
     device, p = next(model.parameters()).device, model.patch_size
     maps = attention_maps(model, data.normalize(image.to(device))).cpu()  # (H, h, w)
     maps = torch.cat([maps, maps.mean(dim=0, keepdim=True)])  # (H+1, h, w): the heads, then their mean
     names = [f"head{j}" for j in range(len(maps) - 1)] + ["mean"]
     up = lambda x: x.repeat_interleave(p, dim=-2).repeat_interleave(p, dim=-1)  # a patch -> p x p pixels
     heat = up(colorize(maps))  # (H+1, 3, S, S')
-    masks = torch.stack([overlay(image, m) for m in up(threshold_masks(maps, threshold))])  # (H+1, 3, S, S')
+    masks = torch.stack([paint_mask(image, m) for m in up(threshold_masks(maps, threshold))])  # (H+1, 3, S, S')
+    return names, heat, masks
+
+
+def labelled_attention_grid(image, heat, masks, threshold, patch_size):
+    """grid.png: the image, then a heat map per head and their mean, above the same with the masks; titled."""
+    titles = ["image"] + [f"head {j}" for j in range(len(heat) - 1)] + ["mean of heads"]
+    caption = (f"Top: the attention of the last block's CLS token on each {patch_size} x {patch_size} patch "
+               f"(viridis, each map from its least to its most attended patch: yellow = most). Bottom, in red: the "
+               f"fewest patches holding {threshold:.0%} of that map's attention mass (--threshold {threshold:g}).")
+    rows = [[image, *heat], [image, *masks]]
+    font_size = max(15, image.shape[-1] // 16)  # legible beside 480 px photos as beside 224 px zoomed digits
+    return draw.labelled_grid(rows, titles, ["attention", f"{threshold:.0%} of mass"], caption, size=font_size)
+
+
+def write_visualization(model, image, out_dir, threshold):
+    """Writes the PNGs listed at the top for one uint8 (3, S, S') image; returns their paths, grid.png last."""
+    names, heat, masks = attention_pictures(model, image, threshold)
     zoom = max(1, 240 // min(image.shape[-2:]))  # tiny images (Fashion-MNIST) are enlarged to be seen
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-
-    def write(img, name):
-        paths.append(out_dir / name)
-        torchvision.utils.save_image(img.repeat_interleave(zoom, -2).repeat_interleave(zoom, -1) / 255, paths[-1])
-
-    write(image, "img.png")
+    big = lambda x: x.repeat_interleave(zoom, dim=-2).repeat_interleave(zoom, dim=-1)  # (..., zoom S, zoom S')
+    image, heat, masks = big(image), big(heat), big(masks)
+    paths = [draw.save(image, out_dir / "img.png")]
     for name, h, m in zip(names, heat, masks):
-        write(h, f"attn-{name}.png")
-        write(m, f"mask-{name}.png")
-    rows = torch.cat([image[None], heat, image[None], masks])  # (2 (H+2), 3, S, S')
-    write(torchvision.utils.make_grid(rows, nrow=len(maps) + 1, padding=2, pad_value=255), "grid.png")
-    return paths
+        paths += [draw.save(h, out_dir / f"attn-{name}.png"), draw.save(m, out_dir / f"mask-{name}.png")]
+    grid = labelled_attention_grid(image, heat, masks, threshold, model.patch_size)
+    return paths + [draw.save(grid, out_dir / "grid.png")]
 
 
 @torch.no_grad()
@@ -134,73 +147,59 @@ def foreground_share(model, images, min_mean=FOREGROUND_MIN_MEAN, batch_size=256
     return torch.cat(shares).mean().item(), torch.cat(fractions).mean().item()
 
 
-def dataset_images(data_path, data_root, n, image_size, patch_size):
-    """The first n test images of a dataset, uint8 (n, 3, S, S), resized to S x S with S = image_size (default:
-    the dataset's) rounded down to a multiple of the patch size, and their names."""
+def dataset_images(data_path, data_root, n, image_size, saved, patch_size):
+    """The first n test images of a dataset, uint8 (n, 3, S, S), resized to S x S with S = backbone.eval_size
+    (--image_size, else the checkpoint's global crop size, else the dataset's side), and their names."""
     datasets = data.build_datasets(data_path, data_root)
     test = datasets.knn_test if datasets.knn_test is not None else datasets.train
-    size = (image_size or datasets.image_size) // patch_size * patch_size
+    size = backbone.eval_size(image_size, saved, datasets.image_size, patch_size)
     images = [TF.resize(data.to_rgb(test[i][0]), [size, size], antialias=True) for i in range(min(n, len(test)))]
-    images = torch.stack(images)
-    return images, [f"{Path(data_path).name}_test{i}" for i in range(len(images))]
+    return torch.stack(images), [f"{Path(data_path).name}_test{i}" for i in range(len(images))]
 
 
 def get_args_parser():
     p = cli.ArgumentParser(description="Visualize the last block's CLS self-attention (paper Fig. 1, 3)")
-    p.add_argument("--pretrained_weights", type=lambda s: s and cli.existing_file(s), default="", help="our "
-                   "checkpoint, an official backbone file or an official full checkpoint; none: a random init")
-    p.add_argument("--checkpoint_key", default="teacher", choices=["teacher", "student"])
-    p.add_argument("--arch", default=None, choices=checkpoint.ARCHS,
-                   help="default: the checkpoint's, else vit_small")
-    p.add_argument("--patch_size", type=cli.positive_int, default=None,
-                   help="default: the checkpoint's, else 16 (official: 8)")
-    p.add_argument("--image_path", type=cli.existing_file, nargs="*", default=None, help="image files (default: the "
-                   "photos in assets/, or the test images of the dataset the checkpoint was trained on, see --data_path)")
+    backbone.add_args(p)
+    p.add_argument("--image_path", type=cli.existing_file, nargs="*", default=None, help="image files (default: "
+                   "the photos in assets/, or the test images of the dataset the checkpoint was trained on, see "
+                   "--data_path)")
     p.add_argument("--data_path", default=None, help="use the first --num_images test images of this dataset "
                    "(default: the checkpoint's dataset when it is a named one such as fashion_mnist)")
     p.add_argument("--data_root", default="data")
     p.add_argument("--num_images", type=cli.positive_int, default=None,
                    help="dataset images: 4 to show, 1000 to measure")
     p.add_argument("--image_size", type=cli.positive_int, default=None,
-                   help="short side of the input (default: 480 for photos, the checkpoint's crop size for datasets)")
+                   help="short side of the input (default: 480 for photos; for dataset images the checkpoint's "
+                   "global crop size, else the dataset's side, a multiple of the patch size)")
     p.add_argument("--threshold", type=cli.unit_float, default=0.6,
                    help="share of the attention mass the masks keep (paper Fig. 4: 0.6; official default: no masks)")
     p.add_argument("--output_dir", default="attention")
     p.add_argument("--foreground_share", action="store_true", help="measure instead the share of attention on "
                    "foreground patches of --num_images Fashion-MNIST test images, trained vs random init")
-    p.add_argument("--device", type=cli.device, default="cuda" if torch.cuda.is_available() else "cpu")
     return p
+
+
+def report_foreground_share(model, saved, args):
+    """Prints the foreground share of the model's attention and of the same architecture at random init."""
+    data_path = args.data_path or "fashion_mnist"
+    images, _ = dataset_images(data_path, args.data_root, args.num_images or 1000, args.image_size, saved,
+                               model.patch_size)
+    trained, chance = foreground_share(model, images)
+    baseline, _ = foreground_share(backbone.random_like(model), images)
+    print(f"foreground attention share over {len(images)} {data_path} test images at {images.shape[-1]} px: "
+          f"trained {trained:.2f}, random init {baseline:.2f} (foreground patches are {chance:.2f} of all: "
+          f"the share of uniform attention)")
 
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    device = torch.device(args.device)
-    if args.pretrained_weights:
-        model, saved = checkpoint.load_backbone(args.pretrained_weights, args.arch, args.patch_size,
-                                                 args.checkpoint_key)
-    else:
-        model, saved = checkpoint.build_vit(args.arch or "vit_small", args.patch_size or 16), {}
-        print(f"no --pretrained_weights: a randomly initialized {args.arch or 'vit_small'}/{model.patch_size}, "
-              f"whose attention shows nothing learned")
-    model = model.to(device).eval()
-
+    model, saved = backbone.from_args(args)
     if args.foreground_share:
-        data_path = args.data_path or "fashion_mnist"
-        size = args.image_size or saved.get("global_crop_size")
-        images, _ = dataset_images(data_path, args.data_root, args.num_images or 1000, size, model.patch_size)
-        torch.manual_seed(0)
-        random_init = vit.VisionTransformer(model.patch_size, model.embed_dim, len(model.blocks), model.num_heads)
-        trained, chance = foreground_share(model, images)
-        baseline, _ = foreground_share(random_init.to(device).eval(), images)
-        print(f"foreground attention share over {len(images)} {data_path} test images at {images.shape[-1]} px: "
-              f"trained {trained:.2f}, random init {baseline:.2f} (foreground patches are {chance:.2f} of all: "
-              f"the share of uniform attention)")
-        return
-
+        return report_foreground_share(model, saved, args)
     data_path = args.data_path or (saved.get("data_path") if saved.get("data_path") in data.DATASET_NAMES else None)
     if args.image_path is None and data_path:
-        size = args.image_size or saved.get("global_crop_size")
-        images, names = dataset_images(data_path, args.data_root, args.num_images or 4, size, model.patch_size)
+        images, names = dataset_images(data_path, args.data_root, args.num_images or 4, args.image_size, saved,
+                                       model.patch_size)
     else:
         paths = args.image_path or SAMPLE_PHOTOS
         images = [load_photo(path, args.image_size or 480, model.patch_size) for path in paths]

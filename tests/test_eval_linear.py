@@ -1,20 +1,15 @@
 """The linear protocol (paper Sec. 4.1): a linear classifier on frozen features, on real Fashion-MNIST images."""
 import torch
 
-import eval_linear
 import data
-import vit
-
-
-def tiny_vit(depth=2):
-    torch.manual_seed(0)
-    return vit.vit_tiny(patch_size=7, depth=depth).eval()
+import eval_linear
+from conftest import tiny_vit, write_checkpoint
 
 
 def test_features_are_the_last_cls_tokens_and_optionally_the_mean_patch_token():
     """Official protocol: ViT-S concatenates the CLS tokens of the last 4 blocks; ViT-B the last CLS token and
     the average of the patch tokens. Each block's output passes the final norm."""
-    model = tiny_vit(depth=2)
+    model = tiny_vit(patch_size=7, depth=2, seed=0)
     x = torch.randn(3, 3, 28, 28)
     blocks = model.get_intermediate_layers(x, 2)  # 2 x (B, 1+N, D)
     feats = eval_linear.ProbeFeatures(model, n_last_blocks=2)(x)
@@ -43,7 +38,7 @@ def test_linear_probe_of_random_features_beats_chance_by_far_on_fashion_mnist():
     """2,000 train / 500 test images, a 2-block ViT at random init: even untrained features are linearly
     separable far above the 10% of chance (measured: about 60% top-1, 94% top-5)."""
     train_set, test_set = fashion_mnist(2000, 500)
-    features = eval_linear.ProbeFeatures(tiny_vit(depth=2), n_last_blocks=2)
+    features = eval_linear.ProbeFeatures(tiny_vit(patch_size=7, depth=2, seed=0), n_last_blocks=2)
     top1, top5 = eval_linear.linear_probe(features, train_set, test_set, 10, 28, torch.device("cpu"), epochs=50,
                                           lr=0.03, batch_size=128)
     assert top1 > 50 and top5 > 85 and top5 >= top1
@@ -55,17 +50,14 @@ def test_augmented_training_runs_with_random_resized_crops():
     crops = torch.stack([eval_linear.Augmented(train_set, 28)[0][0] for _ in range(4)])
     assert crops.shape == (4, 3, 28, 28) and crops.dtype == torch.uint8
     assert len({c.sum().item() for c in crops}) > 1  # random views
-    features = eval_linear.ProbeFeatures(tiny_vit(depth=1), n_last_blocks=1)
+    features = eval_linear.ProbeFeatures(tiny_vit(patch_size=7, depth=1, seed=0), n_last_blocks=1)
     top1, top5 = eval_linear.linear_probe(features, train_set, test_set, 10, 28, torch.device("cpu"), epochs=2,
                                           batch_size=32, precomputed=False)
     assert 0 <= top1 <= top5 <= 100
 
 
 def test_main_reads_our_checkpoint_and_prints_top1_and_top5(tmp_path, capsys):
-    model = tiny_vit(depth=1)
-    torch.save({"teacher": {f"backbone.{k}": v for k, v in model.state_dict().items()},
-                "args": {"arch": "vit_tiny", "patch_size": 7, "depth": 1, "global_crop_size": 28}},
-               tmp_path / "checkpoint.pth")
+    write_checkpoint(tmp_path / "checkpoint.pth", tiny_vit(patch_size=7, depth=1, seed=0), global_crop_size=28)
     eval_linear.main(["--pretrained_weights", str(tmp_path / "checkpoint.pth"), "--n_last_blocks", "1",
                       "--subset", "200", "--epochs", "2", "--num_workers", "0", "--device", "cpu"])
     out = capsys.readouterr().out

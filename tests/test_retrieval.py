@@ -10,8 +10,8 @@ from torchvision.transforms.v2.functional import to_pil_image
 
 import eval_copy_detection
 import eval_image_retrieval
-import vit
 from cli import ConfigError
+from conftest import write_checkpoint
 from retrieval import Whitening, average_precision, class_retrieval, compute_map, gem, precision_at
 
 
@@ -79,12 +79,8 @@ def test_whitening_makes_the_learning_set_covariance_the_identity():
 # --- the scripts end to end on a few tiny images ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    model = vit.vit_tiny(patch_size=4, depth=2)
-    path = tmp_path_factory.mktemp("ckpt") / "checkpoint.pth"
-    args = {"arch": "vit_tiny", "patch_size": 4, "depth": 2, "global_crop_size": 16}
-    torch.save({"teacher": {f"backbone.{k}": v for k, v in model.state_dict().items()}, "args": args}, path)
-    return str(path)
+    """A 2-block vit_tiny/4 trained (so its saved args say) at 16 px."""
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint.pth", global_crop_size=16)
 
 
 def random_images(n, size=(16, 16), seed=0):
@@ -181,3 +177,43 @@ def test_bad_input_is_one_line_error(tiny_checkpoint, tmp_path):
                                    "--dataset", "rparis6k"])
     with pytest.raises(ConfigError, match="neither a folder nor a known dataset"):
         eval_copy_detection.main(["--pretrained_weights", tiny_checkpoint, "--data_path", str(tmp_path / "nope")])
+    write_images(tmp_path / "folder" / "train" / "a", ["0.png"], random_images(1))
+    write_images(tmp_path / "folder" / "val" / "a", ["0.png"], random_images(1))
+    with pytest.raises(ConfigError, match="--imsize 18 is not a multiple of the patch size 4"):
+        eval_image_retrieval.main(["--pretrained_weights", tiny_checkpoint, "--data_path", str(tmp_path / "folder"),
+                                   "--imsize", "18"])
+
+
+def test_cuda_without_a_gpu_is_one_line_error(tiny_checkpoint, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        eval_copy_detection.main(["--pretrained_weights", tiny_checkpoint, "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error:") and err.count("\n") == 1
+    assert "no CUDA GPU" in err
+
+
+def test_copy_detection_picture_shows_the_original_beside_its_copy_and_results(tmp_path, monkeypatch):
+    """Each row: the original (framed green), its copy, then the copy's top results, the original framed green
+    again where it is found; the columns are titled and the row says at which rank the original came."""
+    colors = [(10, 0, 0), (0, 90, 0), (0, 0, 170), (250, 250, 250)]
+    database = [(torch.tensor(c, dtype=torch.uint8)[:, None, None].repeat(1, 8, 8), 0) for c in colors]
+    queries = [(database[2][0].flip(-1), 0), (database[0][0] // 2, 1)]
+    ranking = torch.tensor([[1, 2, 0, 3], [3, 1, 2, 0]])  # query 0 finds its original 2 second, query 1 never
+    drawn, labelled_grid = {}, eval_copy_detection.draw.labelled_grid
+
+    def spy(rows, col_titles, row_titles, caption):
+        drawn.update(rows=rows, titles=col_titles, row_titles=row_titles)
+        return labelled_grid(rows, col_titles, row_titles, caption)
+    monkeypatch.setattr(eval_copy_detection.draw, "labelled_grid", spy)
+    eval_copy_detection.save_examples(tmp_path / "x.png", ("strong", queries, [[2], [0]]), database, ranking[:, :3],
+                                      "a test", top=3, cell=8)
+    assert (tmp_path / "x.png").stat().st_size > 0
+    rows, green = drawn["rows"], torch.tensor([40, 200, 40], dtype=torch.uint8)
+    assert drawn["titles"] == ["original", "copy", "top 1", "top 2", "top 3"]
+    assert drawn["row_titles"] == ["original at rank 2", "original not in top 3"]
+    assert torch.equal(rows[0][0][:, 3:-3, 3:-3], database[2][0]) and torch.equal(rows[0][0][:, 0, 0], green)
+    assert torch.equal(rows[0][1][:, 3:-3, 3:-3], queries[0][0])
+    assert torch.equal(rows[0][3][:, 3:-3, 3:-3], database[2][0]) and torch.equal(rows[0][3][:, 0, 0], green)
+    assert not torch.equal(rows[0][2][:, 0, 0], green)
+    assert torch.equal(rows[1][0][:, 3:-3, 3:-3], database[0][0])
