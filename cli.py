@@ -29,12 +29,19 @@ def run_cli(main):
         sys.exit(2)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, unless its help text already says what it is."""
+
+    def _get_help_string(self, action):
+        return action.help if "default" in (action.help or "") else super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with defaults shown in --help, and its errors (unknown flag, bad value) as one line, exit code 2.
     A flag must be spelled whole: `--epoch 2` is an error, not a silent `--epochs 2` (allow_abbrev=False)."""
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False, **kwargs)
+        super().__init__(*args, formatter_class=HelpFormatter, allow_abbrev=False, **kwargs)
 
     def error(self, message):
         print(f"error: {message} (see --help)", file=sys.stderr)

@@ -3,26 +3,20 @@ Descriptors", 2021; reference code github.com/ShirAmir/dino-vit-features).
 
 A frozen DINO ViT, no training: the keys (or queries, values, tokens) of one block, one per patch, describe the
 image densely (their Sec. 3). This file holds the parts the applications share:
-  extract()         descriptors of a layer and facet, with the patch stride lowered (overlapping patches, their
+  descriptors()     descriptors of a layer and facet, with the patch stride lowered (overlapping patches, their
                     Sec. 3.1 "Increasing spatial resolution"), optional log-binning (their Sec. 3.1 "Log-binning"),
-                    and the saliency maps of the last layer's CLS attention (their Sec. 4.1)
+                    and the saliency maps of the last layer's CLS attention (their Sec. 4.1); image_descriptors(): one image
   kmeans(), elbow_kmeans()   k-means on the unit sphere, with restarts and the elbow rule for k
   cosegment(), part_cosegment()   their Sec. 4.1 and 4.2: clusters voted salient, then parts of the foreground
   best_buddies(), correspondences()   their Sec. 4.3: mutual nearest neighbours, N diverse pairs
-The scripts cosegment.py and correspond.py read images, run these and draw the pictures.
+  patch_centers(), patches_to_pixels()   where the patches of a grid lie in the image
+The scripts cosegment.py and correspond.py hold the command lines: they read images, run these and draw.
 
 Shape letters: B images, N patches (h x w grid), D descriptor width, H heads, M descriptors, K clusters,
 p patch size, s stride.
 """
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
-from torchvision.transforms.v2 import functional as TF
-
-import checkpoint
-import data
-from cli import ConfigError, bool_flag, existing_file, nonneg_int, positive_int, unit_float
 
 FACETS = ("key", "query", "value", "token")
 # NOTE: the reference averages heads 0, 2, 4, 5 of the official ViT-S/8 for its saliency maps, and has no
@@ -33,27 +27,6 @@ VITS8_SALIENCY_HEADS = (0, 2, 4, 5)
 def grid_size(height, width, patch_size, stride):
     """Patches along each side when p x p patches are taken every s pixels: (H - p) // s + 1."""
     return (height - patch_size) // stride + 1, (width - patch_size) // stride + 1
-
-
-def prepare_tokens(model, images, stride):
-    """CLS token + patch embeddings + position embeddings, (B, 1+N, D), patches taken every `stride` pixels.
-
-    The patch embedding is the model's own convolution run with a smaller stride (its weights unchanged), and
-    the position embeddings are interpolated for the (h, w) grid that stride gives, as the reference does.
-    """
-    p = model.patch_size
-    if p % stride:
-        raise ValueError(f"stride {stride} does not divide the patch size {p}")
-    if min(images.shape[-2:]) < p:
-        raise ValueError(f"images of {tuple(images.shape[-2:])} px are smaller than one {p} px patch")
-    proj = model.patch_embed.proj
-    x = F.conv2d(images, proj.weight, proj.bias, stride=stride)  # (B, D, h, w)
-    h, w = x.shape[-2:]
-    x = x.flatten(2).transpose(1, 2)  # (B, N, D)
-    x = torch.cat([model.cls_token.expand(len(x), -1, -1), x], dim=1)  # (B, 1+N, D)
-    # NOTE: the reference re-interpolates when the grid is the trained one but the image is not square
-    # (H != W); vit.py returns the trained embeddings whenever the grid is square and trained-sized.
-    return x + model.interpolate_pos_encoding(h, w), (h, w)
 
 
 def facet_of_block(block, x, facet):
@@ -96,25 +69,45 @@ def log_bin(desc, grid, hierarchy=2):
 
 
 def saliency_heads(model):
+    """The heads whose CLS attention the saliency maps average (see VITS8_SALIENCY_HEADS)."""
     if model.num_heads == 6 and model.patch_size == 8:
         return list(VITS8_SALIENCY_HEADS)
     return list(range(model.num_heads))
 
 
+def settings_error(model, layer, stride):
+    """What is wrong with descriptors of block `layer` (from 0) at `stride` for this model, or None: a message
+    that begins with the name of the wrong argument."""
+    if model.patch_size % stride:
+        return f"stride {stride} does not divide the patch size {model.patch_size}"
+    if not 0 <= layer < len(model.blocks):
+        return f"layer {layer} is not a block of this model: it has blocks 0..{len(model.blocks) - 1}"
+    return None
+
+
 @torch.no_grad()
-def extract(model, images, layer=11, facet="key", stride=None, bin=False, saliency=False, include_cls=False):
+def descriptors(model, images, layer=11, facet="key", stride=None, bin=False, saliency=False, include_cls=False):
     """Descriptors of normalized images (B, 3, H, W): (descriptors (B, N, D'), saliency (B, N) or None, (h, w)).
 
     layer: block index from 0; facet: key, query, value (heads concatenated) or token (the block's output);
-    stride: divides the patch size (default: the patch size); bin: log_bin(); saliency: the last block's CLS
-    attention, averaged over saliency_heads(), min-max normalized per image to [0, 1] (reference
-    `extract_saliency_maps`). include_cls keeps the CLS descriptor first (B, 1+N, D), without binning.
+    stride: divides the patch size (default: the patch size), patches taken every `stride` pixels
+    (model.prepare_tokens: the patch convolution run with that stride, position embeddings interpolated for
+    the grid_size() grid, as the reference); bin: log_bin(); saliency: the last block's CLS attention,
+    averaged over saliency_heads(), min-max normalized per image to [0, 1] (reference `extract_saliency_maps`).
+    include_cls keeps the CLS descriptor first (B, 1+N, D), without binning.
     """
     if facet not in FACETS:
         raise ValueError(f"facet {facet!r} is not one of {FACETS}")
-    if not 0 <= layer < len(model.blocks):
-        raise ValueError(f"layer {layer} is not a block of this {len(model.blocks)}-block model (0..{len(model.blocks) - 1})")
-    x, grid = prepare_tokens(model, images, stride or model.patch_size)
+    p, s = model.patch_size, stride or model.patch_size
+    if problem := settings_error(model, layer, s):
+        raise ValueError(problem)
+    if min(images.shape[-2:]) < p:
+        raise ValueError(f"images of {tuple(images.shape[-2:])} px are smaller than one {p} px patch")
+    grid = grid_size(*images.shape[-2:], p, s)
+    # Only the pixels whole patches cover: the convolution reads no others, and at stride p vit.prepare_tokens
+    # asks for sides that are multiples of p. NOTE: the reference re-interpolates the position embeddings when
+    # the grid is the trained one but H != W; vit.py keeps the trained ones whenever the grid is trained-sized.
+    x = model.prepare_tokens(images[..., :(grid[0] - 1) * s + p, :(grid[1] - 1) * s + p], s)  # (B, 1+N, D)
     last = len(model.blocks) - 1 if saliency else layer
     desc = sal = None
     for i, block in enumerate(model.blocks[:last + 1]):
@@ -132,6 +125,12 @@ def extract(model, images, layer=11, facet="key", stride=None, bin=False, salien
     elif bin:
         raise ValueError("include_cls and bin cannot be used together (as in the reference)")
     return (log_bin(desc, grid) if bin else desc), sal, grid
+
+
+def image_descriptors(model, image, layer, facet="key", stride=None, bin=False):
+    """(descriptors (N, D'), saliency (N,), (h, w)) of one normalized image (3, H, W): descriptors() of it."""
+    desc, sal, grid = descriptors(model, image[None], layer, facet, stride, bin, saliency=True)
+    return desc[0], sal[0], grid
 
 
 # --- k-means --------------------------------------------------------------------------------------------
@@ -158,7 +157,8 @@ def kmeans(x, k, iters=300, restarts=10, seed=0):
     for _ in range(iters):
         labels = sq_distances(x, c).argmin(-1)  # (R, M)
         # centroid = mean of its points: sums and counts by scatter-add; an empty cluster keeps its centroid
-        sums = x.new_zeros(restarts, k, D).scatter_add_(1, labels[..., None].expand(-1, -1, D), x.expand(restarts, -1, -1))
+        sums = x.new_zeros(restarts, k, D).scatter_add_(1, labels[..., None].expand(-1, -1, D),
+                                                        x.expand(restarts, -1, -1))  # (R, K, D)
         counts = x.new_zeros(restarts, k).scatter_add_(1, labels, ones)[..., None]  # (R, K, 1)
         new = torch.where(counts > 0, sums / counts.clamp_min(1), c)
         if torch.equal(new, c):
@@ -292,89 +292,3 @@ def patches_to_pixels(maps, grid, size, patch_size, stride):
             for n, g in zip(size, grid)]
     maps = maps.reshape(*maps.shape[:-1], *grid)  # (..., h, w)
     return maps[..., rows[0].to(maps.device), :][..., rows[1].to(maps.device)]
-
-
-# --- what the scripts share (cosegment.py, correspond.py) -------------------------------------------------
-PALETTE = ["red", "yellow", "lime", "magenta", "cyan", "orange", "deepskyblue", "white", "pink", "gold",
-           "springgreen", "violet", "coral", "aquamarine", "khaki"]  # bright: they are drawn on dark images
-
-
-def add_arguments(parser, default_layer, default_bin, default_load_size):
-    g = parser.add_argument_group("model and descriptors (Amir et al. Sec. 3)")
-    g.add_argument("--pretrained_weights", type=existing_file, default=None, help="our checkpoint (the teacher), "
-                   "an official training checkpoint or backbone file (dino_deitsmall8_pretrain.pth); none: random init")
-    g.add_argument("--checkpoint_key", default="teacher", choices=["teacher", "student"])
-    g.add_argument("--arch", default=None, choices=checkpoint.ARCHS, help="default: the checkpoint's, else vit_small")
-    g.add_argument("--patch_size", type=positive_int, default=None, help="default: the checkpoint's, else 16")
-    g.add_argument("--stride", type=positive_int, default=None, help="stride of the patch extraction, a divisor "
-                   "of the patch size: smaller = overlapping patches, a finer grid (reference: 4 for patch 8); "
-                   "default: the patch size")
-    g.add_argument("--layer", type=nonneg_int, default=None, help=f"block (from 0) whose facet is the descriptor; "
-                   f"default: {default_layer}")
-    g.add_argument("--facet", default="key", choices=FACETS, help="key, query, value of the attention (heads "
-                   "concatenated) or token (the block's output)")
-    g.add_argument("--bin", type=bool_flag, default=default_bin, help="log-binning (17 bins of the 9 x 9 "
-                   "neighbourhood, Sec. 3.1)")
-    g = parser.add_argument_group("images")
-    g.add_argument("--image_path", nargs="+", type=existing_file, default=None, help="image files")
-    g.add_argument("--data_path", default=None, help="instead: test images of a dataset (fashion_mnist, ...), "
-                   "those of --class_index")
-    g.add_argument("--data_root", default="data")
-    g.add_argument("--class_index", type=nonneg_int, default=0)
-    g.add_argument("--load_size", type=positive_int, default=None, help="short side the images are resized to; "
-                   f"default: {default_load_size} for files, 56 for Fashion-MNIST (2x: 8 x 8 patches of 7 px)")
-    g.add_argument("--output_dir", default="dense_output")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-
-
-def load_model(args):
-    """The ViT of --pretrained_weights (or a random one), on the device, in eval mode, with the defaults of
-    --stride (the patch size) filled in and --layer checked."""
-    if args.pretrained_weights:
-        model, _ = checkpoint.load_backbone(args.pretrained_weights, args.arch, args.patch_size, args.checkpoint_key)
-    else:
-        torch.manual_seed(0)
-        model = checkpoint.build_vit(args.arch or "vit_small", args.patch_size or 16)
-        print(f"no --pretrained_weights: a randomly initialized {args.arch or 'vit_small'}/{model.patch_size}")
-    args.stride = args.stride or model.patch_size
-    if model.patch_size % args.stride:
-        raise ConfigError(f"--stride {args.stride} does not divide the patch size {model.patch_size}")
-    if args.layer is not None and args.layer >= len(model.blocks):
-        raise ConfigError(f"--layer {args.layer}: the model has blocks 0..{len(model.blocks) - 1}")
-    return model.to(args.device).eval()
-
-
-def load_images(args, count):
-    """(list of uint8 (3, H, W) images, their names): --image_path, else `count` test images of --class_index in
-    --data_path; the short side resized to --load_size."""
-    if args.image_path:
-        images, names = [data.read_image(p) for p in args.image_path], [Path(p).stem for p in args.image_path]
-        size = args.load_size or 224
-    elif args.data_path:
-        datasets = data.build_datasets(args.data_path, args.data_root)
-        test = datasets.knn_test or datasets.train  # an ImageFolder without val/: its images
-        targets = getattr(test, "labels", getattr(test, "targets", None))  # TensorImages, torchvision datasets
-        targets = torch.as_tensor(targets if targets is not None else [int(test[i][1]) for i in range(len(test))])
-        index = torch.nonzero(targets == args.class_index).squeeze(1)[:count].tolist()
-        if not index:
-            raise ConfigError(f"no test image of class {args.class_index} in {args.data_path}")
-        images = [data.to_rgb(test[i][0]) for i in index]
-        names = [f"{Path(args.data_path).name}_class{args.class_index}_test{i}" for i in index]
-        size = args.load_size or (56 if args.data_path == "fashion_mnist" else 224)
-    else:
-        raise ConfigError("give images: --image_path a.jpg b.jpg ..., or --data_path fashion_mnist --class_index 0")
-    # NOTE: bilinear with antialiasing; the reference resizes with PIL's Lanczos.
-    return [TF.resize(im, size, antialias=True) for im in images], names
-
-
-def describe(model, image, args, layer, bin):
-    """(descriptors (N, D'), saliency (N,), grid) of one uint8 image (3, H, W)."""
-    x = data.normalize(image.to(args.device))[None]  # (1, 3, H, W)
-    desc, sal, grid = extract(model, x, layer, args.facet, args.stride, bin, saliency=True)
-    return desc[0], sal[0], grid
-
-
-def zoom(image, target=224):
-    """Tiny images (Fashion-MNIST) enlarged by an integer factor, nearest, to be seen: (image, factor)."""
-    k = max(1, target // min(image.shape[-2:]))
-    return image.repeat_interleave(k, -2).repeat_interleave(k, -1), k

@@ -2,6 +2,7 @@
 
     python train.py                                   # Fashion-MNIST preset, CPU or one GPU
     torchrun --nproc_per_node=8 train.py --data_path /data/imagenet --arch vit_small --patch_size 16
+    srun python train.py --data_path /data/imagenet    # under SLURM, one task per GPU
 
 Read top to bottom: args, distributed and precision, student and teacher, optimizer and schedules, the step,
 the epoch, main (data, resume, training loop). Datasets live in data.py, checkpoints in checkpoint.py.
@@ -11,6 +12,7 @@ import argparse
 import contextlib
 import json
 import os
+import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -147,9 +149,12 @@ def parse_args(argv=None):
 
 # --- distributed and precision ---------------------------------------------------------------------------
 def setup_distributed(args):
-    """(device, rank, world_size, cpu_group). torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; without them: one
-    process, no process group. cpu_group: a gloo group for small CPU messages that must not wait for the GPU."""
+    """(device, rank, world_size, cpu_group). torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; srun sets the SLURM_*
+    variables (slurm_environment); with neither: one process, no process group. cpu_group: a gloo group for small
+    CPU messages that must not wait for the GPU."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if "RANK" not in os.environ and int(os.environ.get("SLURM_NTASKS", 1)) > 1:
+        os.environ.update(slurm_environment(os.environ))
     if "RANK" not in os.environ:
         return device, 0, 1, None
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -157,6 +162,23 @@ def setup_distributed(args):
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     return device, dist.get_rank(), dist.get_world_size(), dist.new_group(backend="gloo")
+
+
+def slurm_environment(env):
+    """torchrun's variables from srun's, as the official code reads them: RANK = SLURM_PROCID, WORLD_SIZE =
+    SLURM_NTASKS, LOCAL_RANK = SLURM_LOCALID; MASTER_ADDR: the first node of the job (scontrol), unless set."""
+    master = env.get("MASTER_ADDR")
+    if not master:
+        nodes = env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1"))
+        try:  # node[01-04] -> node01
+            master = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True,
+                                    check=True).stdout.split()[0]
+        except (OSError, subprocess.CalledProcessError, IndexError):
+            if "[" in nodes:
+                raise ConfigError(f"cannot find the first node of {nodes} (no scontrol): set MASTER_ADDR") from None
+            master = nodes.split(",")[0]
+    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"], "LOCAL_RANK": env["SLURM_LOCALID"],
+            "MASTER_ADDR": master, "MASTER_PORT": env.get("MASTER_PORT", "29500")}
 
 
 def setup_precision(args, device):

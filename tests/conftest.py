@@ -3,6 +3,7 @@ do), one tiny configuration, and the tiny models and checkpoints built from it.
 
     from conftest import TINY_TRAIN, tiny_vit, write_checkpoint
 """
+import json
 import sys
 from pathlib import Path
 
@@ -54,3 +55,8 @@ def no_key_bias(name, value):
         q, k, v = value.chunk(3)
         return torch.cat([q, v])
     return value
+
+
+def read_rows(out):
+    """The JSON rows of out/log.txt."""
+    return [json.loads(line) for line in (Path(out) / "log.txt").read_text().splitlines()]

@@ -8,11 +8,7 @@ import torch.nn.functional as F
 
 import dense
 import vit
-
-
-def tiny_vit(patch_size=4, depth=2):
-    torch.manual_seed(0)
-    return vit.vit_tiny(patch_size=patch_size, depth=depth).eval()
+from conftest import tiny_vit, write_checkpoint
 
 
 def reference_facet(model, images, layer, facet, stride):
@@ -52,9 +48,9 @@ def reference_facet(model, images, layer, facet, stride):
 def test_descriptors_at_stride_p_are_the_plain_forward_tokens(facet):
     """At stride = patch size, 'token' of the last block is the plain forward's output before the final norm, and
     the key / query / value are those the plain forward computes in that block."""
-    model = tiny_vit()
+    model = tiny_vit(seed=0)
     x = torch.randn(2, 3, 16, 20)
-    desc, sal, grid = dense.extract(model, x, layer=1, facet=facet, include_cls=True)
+    desc, sal, grid = dense.descriptors(model, x, layer=1, facet=facet, include_cls=True)
     assert grid == (4, 5) and sal is None
     with torch.no_grad():
         if facet == "token":
@@ -64,13 +60,14 @@ def test_descriptors_at_stride_p_are_the_plain_forward_tokens(facet):
 
 
 @pytest.mark.parametrize("facet", ["key", "token"])
-@pytest.mark.parametrize("stride,size", [(2, (16, 16)), (1, (13, 18)), (2, (15, 22))])
+@pytest.mark.parametrize("stride,size", [(2, (16, 16)), (1, (13, 18)), (2, (15, 22)), (4, (15, 22))])
 def test_lower_stride_gives_the_grid_and_the_numbers_of_the_reference(facet, stride, size):
     """Sec. 3.1: "we ... change the stride of the patch extraction ... overlapping patches"; the grid is
-    (H - p) // s + 1 and the position embeddings are interpolated to it, as the reference's _fix_pos_enc."""
-    model = tiny_vit()
+    (H - p) // s + 1 and the position embeddings are interpolated to it, as the reference's _fix_pos_enc. At
+    stride p, sides that are not multiples of p lose their last pixels, as in the reference's convolution."""
+    model = tiny_vit(seed=0)
     x = torch.randn(2, 3, *size)
-    desc, _, grid = dense.extract(model, x, layer=0, facet=facet, stride=stride)
+    desc, _, grid = dense.descriptors(model, x, layer=0, facet=facet, stride=stride)
     expected_grid = ((size[0] - 4) // stride + 1, (size[1] - 4) // stride + 1)
     assert grid == expected_grid and desc.shape == (2, expected_grid[0] * expected_grid[1], 192)
     ref, ref_grid = reference_facet(model, x, 0, facet, stride)
@@ -78,9 +75,13 @@ def test_lower_stride_gives_the_grid_and_the_numbers_of_the_reference(facet, str
     assert torch.allclose(desc, ref, atol=1e-5)
 
 
-def test_stride_must_divide_the_patch_size():
+def test_stride_divides_the_patch_size_layer_is_a_block_images_hold_a_patch():
     with pytest.raises(ValueError, match="does not divide"):
-        dense.extract(tiny_vit(), torch.randn(1, 3, 16, 16), layer=0, stride=3)
+        dense.descriptors(tiny_vit(seed=0), torch.randn(1, 3, 16, 16), layer=0, stride=3)
+    with pytest.raises(ValueError, match="blocks 0..1"):
+        dense.descriptors(tiny_vit(seed=0), torch.randn(1, 3, 16, 16), layer=2)
+    with pytest.raises(ValueError, match="smaller than one 4 px patch"):
+        dense.descriptors(tiny_vit(seed=0), torch.randn(1, 3, 3, 16), layer=0, stride=2)
 
 
 def slow_log_bin(desc, grid):
@@ -116,9 +117,9 @@ def test_log_binning_equals_a_direct_computation(grid):
 
 
 def test_saliency_is_the_min_max_normalized_cls_attention_of_the_last_block():
-    model = tiny_vit()
+    model = tiny_vit(seed=0)
     x = torch.randn(2, 3, 16, 16)
-    _, sal, _ = dense.extract(model, x, layer=0, saliency=True)
+    _, sal, _ = dense.descriptors(model, x, layer=0, saliency=True)
     with torch.no_grad():
         cls = model.get_last_selfattention(x)[:, :, 0, 1:].mean(1)  # all 3 heads of this tiny model
     expected = (cls - cls.amin(1, keepdim=True)) / (cls.amax(1, keepdim=True) - cls.amin(1, keepdim=True))
@@ -168,6 +169,18 @@ def test_best_buddies_recover_a_known_permutation():
     assert len(i) == 30 and torch.equal(torch.bincount(i, minlength=30), torch.ones(30, dtype=torch.long))
 
 
+def test_best_buddies_drop_nearest_neighbours_that_are_not_mutual():
+    """Sec. 4.3: a pair is kept only when each is the other's nearest neighbour. Unit vectors at angles (degrees):
+    desc1 0, 10, 90 and desc2 4, 90, 200. 0 and 10 both have 4 as nearest neighbour, but 4's is 0; 200's nearest
+    is 90, whose own is 90 of desc2. Best buddies: (0, 0) and (2, 1) only."""
+    unit = lambda degrees: torch.stack([torch.cos(torch.deg2rad(torch.tensor(degrees))),
+                                        torch.sin(torch.deg2rad(torch.tensor(degrees)))], dim=1)  # (M, 2)
+    i, j = dense.best_buddies(unit([0.0, 10.0, 90.0]), unit([4.0, 90.0, 200.0]))
+    assert list(zip(i.tolist(), j.tolist())) == [(0, 0), (2, 1)]
+    i, j = dense.best_buddies(unit([4.0, 90.0, 200.0]), unit([0.0, 10.0, 90.0]))  # the other way round
+    assert list(zip(i.tolist(), j.tolist())) == [(0, 0), (1, 2)]
+
+
 def test_correspondences_pick_salient_buddies_one_per_cluster():
     x, labels = blobs(k=5, per=10, dim=8)
     sal1 = torch.ones(50)
@@ -211,10 +224,7 @@ def test_patch_centres_and_pixel_maps():
 def tiny_setup(tmp_path):
     """A 2-block ViT checkpoint in our format, and 3 images: a bright square on black, at different places."""
     from PIL import Image
-    model = tiny_vit(patch_size=4, depth=2)
-    ckpt = {"teacher": {f"backbone.{k}": v for k, v in model.state_dict().items()},
-            "args": {"arch": "vit_tiny", "patch_size": 4, "depth": 2}}
-    torch.save(ckpt, tmp_path / "ckpt.pth")
+    ckpt = write_checkpoint(tmp_path / "ckpt.pth", tiny_vit(patch_size=4, depth=2, seed=0))
     paths = []
     for n, (y, x) in enumerate([(4, 4), (8, 12), (12, 6)]):
         image = torch.zeros(3, 32, 32, dtype=torch.uint8)
@@ -222,7 +232,7 @@ def tiny_setup(tmp_path):
         image[0, y:y + 7, x:x + 14] = 50  # a two-coloured object
         paths.append(str(tmp_path / f"img{n}.png"))
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(paths[-1])
-    return str(tmp_path / "ckpt.pth"), paths, tmp_path
+    return ckpt, paths, tmp_path
 
 
 def test_cosegment_command_writes_its_pictures(tiny_setup):
@@ -232,6 +242,23 @@ def test_cosegment_command_writes_its_pictures(tiny_setup):
                     "--num_parts", "2", "--sample_interval", "1", "--output_dir", str(tmp / "out")])
     written = {p.name for p in (tmp / "out").iterdir()}
     assert {"cosegmentation.png", "img0_mask.png", "img2_parts.png"} <= written
+    from PIL import Image
+    width, height = Image.open(tmp / "out" / "cosegmentation.png").size
+    tile = 32 * 7  # 32 px images are enlarged 7 times to be seen
+    assert width > 3 * tile + 30 and height > 3 * tile + 30  # row titles left, column titles above, a caption
+
+
+def test_class_images_are_the_first_of_their_class(tmp_path):
+    """--data_path with --class_index: the first images of that class (here of a folder without val/)."""
+    from PIL import Image
+    import data
+    for c, name in enumerate(["cats", "dogs"]):
+        (tmp_path / name).mkdir()
+        for n in range(3):
+            Image.new("RGB", (10, 8), (c * 100, n * 50, 0)).save(tmp_path / name / f"{n}.png")
+    images, names = data.class_images(str(tmp_path), "unused", 1, 2)
+    assert names == [f"{tmp_path.name}_class1_test3", f"{tmp_path.name}_class1_test4"]
+    assert [im[:, 0, 0].tolist() for im in images] == [[100, 0, 0], [100, 50, 0]]
 
 
 def test_correspond_command_writes_its_picture_and_points(tiny_setup):
@@ -253,6 +280,8 @@ def test_bad_input_is_one_line(tiny_setup, capsys):
         cosegment.main(["--pretrained_weights", ckpt, "--image_path", *paths, "--stride", "3"])
     with pytest.raises(ConfigError, match="blocks 0..1"):
         correspond.main(["--pretrained_weights", ckpt, "--image_path", *paths[:2], "--layer", "5"])
+    with pytest.raises(ConfigError, match="needs a ViT"):  # a convnet has no patch tokens
+        cosegment.main(["--pretrained_weights", "random", "--arch", "resnet18", "--image_path", *paths])
     with pytest.raises(SystemExit) as e:
         correspond.main(["--image_path", str(tmp / "missing.png")])
     assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
@@ -277,11 +306,11 @@ def test_an_image_against_itself_matches_every_buddy_and_jaccard_is_a_fraction()
     import argparse
     import correspond
     import cosegment
-    model = tiny_vit(patch_size=7, depth=1)
+    model = tiny_vit(patch_size=7, depth=1, seed=0)
     images = torch.zeros(12, 28, 28, dtype=torch.uint8)
     for n in range(12):
         images[n, 4 + n % 5:18 + n % 5, 6:20] = 150 + n
-    args = argparse.Namespace(layer=None, facet="key", stride=7, bin=True, thresh=0.05, device="cpu",
+    args = argparse.Namespace(layer=0, facet="key", stride=7, bin=True, thresh=0.05, device="cpu",
                               load_size=28, elbow=0.975, votes_percentage=75, sample_interval=1, num_images=6)
     rgb = images[:, None].expand(-1, 3, -1, -1)
     share, pairs = correspond.warp_accuracy(model, rgb, lambda x: x, lambda p: p, args)

@@ -1,101 +1,17 @@
-"""Video object segmentation by label propagation (paper Sec. 4.2.2) and the DAVIS J and F scores."""
+"""Video object segmentation by label propagation (paper Sec. 4.2.2); the scores are tested in test_davis.py."""
 import json
-import math
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import davis
+import draw
 import eval_video_segmentation as evs
 import synthetic_video
-import vit
 from cli import ConfigError
-
-
-def square(size=40, top=10, left=10, side=10):
-    mask = torch.zeros(size, size, dtype=torch.bool)
-    mask[top:top + side, left:left + side] = True
-    return mask
-
-
-# --- J and F on hand-computable cases ---------------------------------------------------------------------
-def test_region_similarity_is_one_for_identical_zero_for_disjoint_and_one_for_two_empty_masks():
-    """DAVIS: "region similarity J ... the intersection-over-union of the estimated segmentation and the
-    ground-truth mask"; two empty masks agree perfectly."""
-    a, b = square(), square(top=25, left=25)
-    assert evs.db_eval_iou(a, a).item() == 1.0
-    assert evs.db_eval_iou(a, b).item() == 0.0
-    empty = torch.zeros_like(a)
-    assert evs.db_eval_iou(empty, empty).item() == 1.0
-    assert evs.db_eval_iou(a, empty).item() == 0.0
-
-
-def test_region_similarity_of_a_square_shifted_by_one_pixel():
-    """A 10 x 10 square and the same one column to the right: intersection 10 x 9, union 10 x 11."""
-    assert evs.db_eval_iou(square(), square(left=11)).item() == pytest.approx(90 / 110)
-
-
-def test_the_boundary_of_a_half_plane_is_the_last_column_inside_it():
-    """seg2bmap marks a pixel whose right, lower or lower-right neighbour differs: for the left c columns set,
-    that is column c - 1, on every row (the last row included)."""
-    mask = torch.zeros(6, 9, dtype=torch.bool)
-    mask[:, :4] = True
-    expected = torch.zeros_like(mask)
-    expected[:, 3] = True
-    assert torch.equal(evs.seg2bmap(mask), expected)
-
-
-def test_contour_accuracy_of_a_one_pixel_shift_depends_on_the_tolerance():
-    """DAVIS F: boundary precision and recall with a tolerance of ceil(0.008 x diagonal) pixels (1 px on a
-    40 x 40 image). The half-plane boundaries one column apart all match within 1 px and none within 0 px."""
-    gt, pred = torch.zeros(40, 40, dtype=torch.bool), torch.zeros(40, 40, dtype=torch.bool)
-    gt[:, :20], pred[:, :21] = True, True
-    assert math.ceil(0.008 * math.hypot(40, 40)) == 1
-    assert evs.db_eval_boundary(gt, pred).item() == pytest.approx(1.0)  # the DAVIS default 0.008
-    assert evs.db_eval_boundary(gt, pred, bound_th=0).item() == 0.0  # 0 px: the columns must coincide
-    assert evs.db_eval_boundary(gt, gt, bound_th=0).item() == 1.0
-    far = torch.zeros_like(gt)
-    far[:, :22] = True
-    assert evs.db_eval_boundary(gt, far, bound_th=1).item() == 0.0  # 2 px away with a 1 px tolerance
-
-
-def test_contour_accuracy_special_cases():
-    """No boundary in either mask: F = 1; a boundary in only one: F = 0 (davis2017-evaluation's f_measure)."""
-    empty, a = torch.zeros(30, 30, dtype=torch.bool), square(30, 5, 5, 10)
-    assert evs.db_eval_boundary(empty, empty).item() == 1.0
-    assert evs.db_eval_boundary(a, empty).item() == 0.0
-    assert evs.db_eval_boundary(empty, a).item() == 0.0
-
-
-def test_contour_accuracy_matches_a_direct_distance_check_on_random_blobs():
-    """Precision = share of predicted boundary pixels with a true boundary pixel at distance <= r (a disk of
-    radius r), recall the converse: the conv-based dilation against pairwise distances."""
-    gen = torch.Generator().manual_seed(0)
-    blobs = torch.nn.functional.interpolate(torch.rand(2, 1, 5, 6, generator=gen), size=(22, 26), mode="bilinear")
-    gt, pred = blobs[0, 0] > 0.5, blobs[1, 0] > 0.5
-    r = 2
-
-    def share_within(src, dst):
-        a, b = src.nonzero().float(), dst.nonzero().float()  # (n, 2) pixel positions
-        return ((torch.cdist(a, b) <= r + 1e-6).any(dim=1)).float().mean().item()
-
-    gb, pb = evs.seg2bmap(gt), evs.seg2bmap(pred)
-    precision, recall = share_within(pb, gb), share_within(gb, pb)
-    assert 0 < precision < 1 and 0 < recall < 1  # a case where the tolerance matters
-    expected = 2 * precision * recall / (precision + recall)
-    assert evs.db_eval_boundary(gt, pred, bound_th=r).item() == pytest.approx(expected, abs=1e-6)
-
-
-def test_scores_average_over_frames_per_object_then_over_objects():
-    gt = np.zeros((2, 40, 40), np.uint8)
-    gt[:, 10:20, 10:20], gt[:, 25:35, 25:35] = 1, 2
-    pred = gt.copy()
-    pred[1][pred[1] == 2] = 0  # object 2 lost in the second frame: J = F = 0 there
-    s = evs.score_video(gt, pred, num_objects=2)
-    assert s["objects"][1] == {"J": 100.0, "F": 100.0}
-    assert s["objects"][2]["J"] == pytest.approx(50.0) and s["objects"][2]["F"] == pytest.approx(50.0)
-    assert s["J&F"] == pytest.approx(75.0)
+from conftest import tiny_vit, write_checkpoint
 
 
 # --- propagation --------------------------------------------------------------------------------------------
@@ -154,15 +70,14 @@ def test_a_clip_of_identical_frames_propagates_the_first_mask_unchanged():
     """With nothing moving, every patch's best match is itself in every context frame, so each propagated mask
     is the first one on the patch grid (a tiny randomly initialized ViT, patch 4, 32 x 40 frames). In pixels,
     the official per-label min-max normalization before the argmax may move an edge by a pixel."""
-    torch.manual_seed(0)
-    model = vit.vit_tiny(patch_size=4, depth=2).eval()
+    model = tiny_vit(patch_size=4, depth=2, seed=0)
     frame = torch.randn(3, 32, 40)
     first = torch.zeros(8, 10, dtype=torch.long)
     first[2:6, 1:4], first[3:8, 6:9] = 1, 2
     segs = list(evs.propagate_video(model, [frame] * 10, first, n_last_frames=3, size_mask_neighborhood=2))
     assert len(segs) == 9
     expected = first.repeat_interleave(4, 0).repeat_interleave(4, 1)
-    near_edge = evs.dilate_disk(evs.seg2bmap(expected[None] == 1) | evs.seg2bmap(expected[None] == 2), 1)[0]
+    near_edge = davis.dilate_disk(davis.seg2bmap(expected[None] == 1) | davis.seg2bmap(expected[None] == 2), 1)[0]
     for seg in segs:
         assert torch.equal(seg.argmax(dim=0).reshape(8, 10), first)
         wrong = evs.upsample_labels(seg, 8, 10, 4) != expected
@@ -185,10 +100,12 @@ def davis_root(tmp_path):
     return tmp_path / "davis"
 
 
-def run(davis_root, tmp_path, *flags):
+def run(davis_root, tmp_path, *flags, model=("--pretrained_weights", "random", "--arch", "vit_tiny",
+                                              "--patch_size", "4", "--depth", "2")):
+    """The script on davis_root with a tiny random-init ViT (or the `model` flags) on the CPU; its output folder."""
     out = tmp_path / "out"
-    evs.main(["--data_path", str(davis_root), "--output_dir", str(out), "--device", "cpu", "--arch", "vit_tiny",
-              "--patch_size", "4", "--depth", "2", "--image_size", "32", *flags])
+    evs.main(["--data_path", str(davis_root), "--output_dir", str(out), "--device", "cpu", *model,
+              "--image_size", "32", *flags])
     return out
 
 
@@ -234,3 +151,40 @@ def test_clear_errors_for_a_missing_first_mask_frames_of_different_sizes_and_an_
         evs.main(["--data_path", str(tmp_path / "empty"), "--first_mask", "m.png"])
     with pytest.raises(ConfigError, match="not a DAVIS root"):
         evs.main(["--data_path", str(davis_root / "JPEGImages/480p/a")])
+
+
+def test_the_script_propagates_with_the_weights_of_a_checkpoint(davis_root, tmp_path):
+    """--pretrained_weights goes through backbone.from_args: train.py's layout, its arch and patch size read from
+    the checkpoint's args; the masks differ from those of the random init of the same architecture."""
+    ckpt = write_checkpoint(tmp_path / "ckpt.pth", tiny_vit(patch_size=4, depth=2, seed=1))
+    trained = json.loads((run(davis_root, tmp_path / "t", model=("--pretrained_weights", ckpt)) / "scores.json")
+                         .read_text())
+    assert trained["args"]["arch"] == "vit_tiny" and trained["args"]["patch_size"] == 4
+    random = json.loads((run(davis_root, tmp_path / "r") / "scores.json").read_text())
+    assert trained["J&F-mean"] != random["J&F-mean"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the claim is about a machine without a GPU")
+def test_device_cuda_without_a_gpu_is_a_one_line_error(davis_root, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        evs.main(["--data_path", str(davis_root), "--pretrained_weights", "random", "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.startswith("error:") and "cuda" in err and err.count("\n") == 1
+
+
+def test_the_strip_titles_its_rows_with_the_mask_sets_and_its_columns_with_the_frame_numbers(davis_root, tmp_path,
+                                                                                            monkeypatch):
+    """The picture reads alone: a row "true masks", a row named for the method with its J&F, a column per shown
+    frame titled "frame t" (5 frames: all of them), and a caption."""
+    calls = []
+    real = draw.labelled_grid
+    monkeypatch.setattr(draw, "labelled_grid", lambda *a: calls.append(a) or real(*a))
+    out = run(davis_root, tmp_path, "--videos", "a", "--copy_first_mask")
+    rows, col_titles, row_titles, caption = calls[0]
+    assert col_titles == [f"frame {t}" for t in range(5)]
+    jf = json.loads((out / "scores.json").read_text())["videos"]["a"]["J&F"]
+    assert row_titles == ["true masks", f"first mask copied, J&F {jf:.1f}"]
+    assert len(rows) == 2 and all(len(r) == 5 for r in rows) and caption.startswith("a, 5 of its 5 frames")
+    with Image.open(out / "a" / "strip.png") as strip:
+        assert strip.width > 5 * rows[0][0].shape[-1]  # room for the row titles
