@@ -31,8 +31,9 @@ DATASET_NAMES = ("fashion_mnist", "cifar10", "cifar100", "stl10")
 
 class Datasets(NamedTuple):
     train: torch.utils.data.Dataset  # items (image, label): images for self-supervised training
-    knn_train: torch.utils.data.Dataset  # labelled memory bank for k-NN (None if there is no labelled split)
-    knn_test: torch.utils.data.Dataset
+    # the labelled splits every evaluation uses (k-NN bank and queries, linear probe, retrieval); None without labels
+    labelled_train: torch.utils.data.Dataset
+    labelled_test: torch.utils.data.Dataset
     num_classes: int
     image_size: int  # the dataset's native (or evaluation) image side
 
@@ -121,7 +122,7 @@ def build_datasets(data_path, data_root, subset=0):
     data = _build_datasets(data_path, data_root)
     if subset:
         cut = lambda ds: ds and torch.utils.data.Subset(ds, range(min(subset, len(ds))))
-        data = data._replace(train=cut(data.train), knn_train=cut(data.knn_train), knn_test=cut(data.knn_test))
+        data = data._replace(train=cut(data.train), labelled_train=cut(data.labelled_train), labelled_test=cut(data.labelled_test))
     return data
 
 
@@ -273,7 +274,7 @@ def class_images(data_path, data_root, class_index, count):
     """(uint8 (3, H, W) images, names): the first `count` test images of class `class_index` of a dataset (the
     images of a folder without val/)."""
     datasets = build_datasets(data_path, data_root)
-    test = datasets.knn_test or datasets.train
+    test = datasets.labelled_test or datasets.train
     targets = getattr(test, "labels", getattr(test, "targets", None))  # TensorImages, torchvision datasets
     targets = torch.as_tensor(targets if targets is not None else [int(test[i][1]) for i in range(len(test))])
     index = torch.nonzero(targets == class_index).squeeze(1)[:count].tolist()

@@ -172,7 +172,7 @@ def copydays_sets(args):
 def generated_sets(args, datasets):
     """The same for a copy-detection set generated from the test split (see the module docstring)."""
     view = lambda ds: data.Transformed(ds, data.EvalTransform(args.imsize))
-    test, train = view(datasets.knn_test), view(datasets.knn_train)
+    test, train = view(datasets.labelled_test), view(datasets.labelled_train)
     if args.num_queries > len(test):
         raise ConfigError(f"--num_queries {args.num_queries} is more than the {len(test)} test images")
     g = torch.Generator().manual_seed(args.seed)
@@ -271,14 +271,14 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
-    model, saved = backbone.from_args(args)
+    model, saved = backbone.from_args(args, needs_vit="eval_copy_detection.py")
     sources = [(name, cls_gem_descriptor(m)) for name, m in compared_backbones(model, args)]
     if os.path.isdir(os.path.join(args.data_path, "original")):
         args.imsize = args.imsize or 320
         blocks, database, whitening = copydays_sets(args)
     else:
         datasets = data.build_datasets(args.data_path, args.data_root)
-        if datasets.knn_test is None:
+        if datasets.labelled_test is None:
             raise ConfigError(f"{args.data_path} has no test split (val/) to generate copies from")
         args.imsize = backbone.eval_size(args.imsize, saved, datasets.image_size, model.patch_size, "--imsize")
         blocks, database, whitening = generated_sets(args, datasets)

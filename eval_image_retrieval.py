@@ -117,8 +117,8 @@ def evaluate_classes(describe, datasets, size, device, args):
     view = lambda ds: data.Transformed(ds, data.EvalTransform(size))
     describe_all = lambda ds, desc: global_descriptors(describe, view(ds), device, args.batch_size, args.num_workers,
                                                        desc=desc)
-    db_feats, db_labels = describe_all(datasets.knn_train, "database features")
-    query_feats, query_labels = describe_all(datasets.knn_test, "query features")
+    db_feats, db_labels = describe_all(datasets.labelled_train, "database features")
+    query_feats, query_labels = describe_all(datasets.labelled_test, "query features")
     mean_ap, mean_pr = class_retrieval(query_feats, query_labels, db_feats, db_labels, KAPPAS)
     return {"mAP": float(mean_ap)} | {f"mP@{k}": float(p) for k, p in zip(KAPPAS, mean_pr)}
 
@@ -142,7 +142,7 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
-    model, saved = backbone.from_args(args)
+    model, saved = backbone.from_args(args, needs_vit="eval_image_retrieval.py")
     device = args.device
     sources = [(name, cls_descriptor(m, args.multiscale)) for name, m in compared_backbones(model, args)]
     if args.dataset:
@@ -150,7 +150,7 @@ def main(argv=None):
         evaluate = lambda describe: evaluate_revisited(describe, args, device)
     else:
         datasets = data.build_datasets(args.data_path, args.data_root)
-        if datasets.knn_test is None:
+        if datasets.labelled_test is None:
             raise ConfigError(f"{args.data_path} has no labelled test split: class retrieval needs train/ and val/")
         args.imsize = backbone.eval_size(args.imsize, saved, datasets.image_size, model.patch_size, "--imsize")
         sources += [("raw pixels", pixel_descriptor)] if args.baselines else []

@@ -5,6 +5,7 @@ neighbour j weighing exp(sim_j / T); the class with the largest summed weight wi
 
     python eval_knn.py                       # output/checkpoint.pth on Fashion-MNIST, the defaults
     python eval_knn.py --pretrained_weights random --arch vit_tiny --patch_size 7 --depth 4   # its baseline
+    python eval_knn.py --raw_pixels                      # the same k-NN on the pixels themselves: the scale
     python eval_knn.py --pretrained_weights dino_deitsmall16_pretrain.pth --arch vit_small --patch_size 16 \
         --data_path /data/imagenet
 
@@ -46,8 +47,8 @@ def knn_top1(model, datasets, size, device, k=20, T=0.07):
     its test split against its train split. train.py's online k-NN."""
     was_training = model.training
     model.eval()
-    bank = data.extract_features(model, datasets.knn_train, size, device, desc="k-NN train")
-    test = data.extract_features(model, datasets.knn_test, size, device, desc="k-NN test")
+    bank = data.extract_features(model, datasets.labelled_train, size, device, desc="k-NN train")
+    test = data.extract_features(model, datasets.labelled_test, size, device, desc="k-NN test")
     model.train(was_training)
     return knn_classifier(*bank, *test, k, T, datasets.num_classes)[0]
 
@@ -73,15 +74,20 @@ def main(argv=None):
     p.add_argument("--temperature", type=cli.positive_float, default=0.07, help="T of the vote weights exp(sim / T)")
     p.add_argument("--batch_size", type=cli.positive_int, default=256)
     p.add_argument("--num_workers", type=cli.nonneg_int, default=min(4, os.cpu_count() or 1))
+    p.add_argument("--raw_pixels", action="store_true", help="no backbone: the normalized pixels of the evaluation "
+                   "view are the features (the scale for a backbone's figure)")
     args = p.parse_args(argv)
-    model, saved = backbone.from_args(args)
+    if args.raw_pixels:
+        model, saved, args.device = torch.nn.Flatten(), {}, backbone.default_device(args.device)  # (B, 3 S S)
+    else:
+        model, saved = backbone.from_args(args)
     datasets = data.build_datasets(args.data_path, args.data_root)
-    if datasets.knn_test is None:
+    if datasets.labelled_test is None:
         raise cli.ConfigError(f"{args.data_path} has no labelled test split: k-NN needs train/ and val/ folders")
-    size = backbone.eval_size(args.image_size, saved, datasets.image_size, model.patch_size)
+    size = backbone.eval_size(args.image_size, saved, datasets.image_size, getattr(model, "patch_size", None))
     extract = lambda ds, desc: data.extract_features(model, ds, size, args.device, args.batch_size, args.num_workers,
                                                      desc=desc)
-    knn_report(extract(datasets.knn_train, "train features"), extract(datasets.knn_test, "test features"),
+    knn_report(extract(datasets.labelled_train, "train features"), extract(datasets.labelled_test, "test features"),
                datasets.num_classes, args.nb_knn, args.temperature)
 
 

@@ -34,13 +34,18 @@ class ProbeFeatures(nn.Module):
 
     def __init__(self, model, n_last_blocks=4, avgpool_patchtokens=False):
         super().__init__()
+        self.backbone, self.n_last_blocks, self.avgpool_patchtokens = model, n_last_blocks, avgpool_patchtokens
+        if not hasattr(model, "blocks"):  # a convnet (resnet50): its pooled features, as the official protocol
+            self.dim = model.embed_dim
+            return
         if not 1 <= n_last_blocks <= len(model.blocks):
             raise cli.ConfigError(f"--n_last_blocks {n_last_blocks}: the backbone has {len(model.blocks)} blocks")
-        self.backbone, self.n_last_blocks, self.avgpool_patchtokens = model, n_last_blocks, avgpool_patchtokens
         self.dim = model.embed_dim * (n_last_blocks + int(avgpool_patchtokens))
 
     @torch.no_grad()
     def forward(self, x):
+        if not hasattr(self.backbone, "blocks"):
+            return self.backbone(x)  # (B, F)
         blocks = self.backbone.get_intermediate_layers(x, self.n_last_blocks)  # n x (B, 1+N, D), normed
         feats = [out[:, 0] for out in blocks]  # the CLS tokens, n x (B, D)
         if self.avgpool_patchtokens:
@@ -143,13 +148,13 @@ def main(argv=None):
     model, saved = backbone.from_args(args)
     features = ProbeFeatures(model, args.n_last_blocks, args.avgpool_patchtokens)
     datasets = data.build_datasets(args.data_path, args.data_root, args.subset)
-    if datasets.knn_test is None:
+    if datasets.labelled_test is None:
         raise cli.ConfigError(f"{args.data_path} has no labelled test split: the probe needs train/ and val/")
-    train_set, test_set = datasets.knn_train, datasets.knn_test
+    train_set, test_set = datasets.labelled_train, datasets.labelled_test
     precomputed = args.precomputed_features
     if precomputed is None:
         precomputed = args.data_path in PRECOMPUTED_BY_DEFAULT
-    size = backbone.eval_size(args.image_size, saved, datasets.image_size, model.patch_size)
+    size = backbone.eval_size(args.image_size, saved, datasets.image_size, getattr(model, "patch_size", None))
     print(f"linear probe on {features.dim}-d features ({args.n_last_blocks} CLS tokens"
           f"{' + pooled patches' if args.avgpool_patchtokens else ''}) of {len(train_set)} {args.data_path} images, "
           f"{'precomputed features' if precomputed else 'RandomResizedCrop + flip'}, {args.epochs} epochs")

@@ -306,7 +306,7 @@ def main(argv=None):
     if args.copy_first_mask:
         predict = copy_first_mask
     else:
-        model, _ = backbone.from_args(args)
+        model, _ = backbone.from_args(args, needs_vit="eval_video_segmentation.py")
         predict = functools.partial(predict_video, model, args=args)
     scores = {}
     for i, (name, frame_paths, first_mask, gt_dir) in enumerate(videos):

@@ -375,7 +375,7 @@ def main(argv=None):
                 checkpoint.save_atomic(ckpt, out / f"checkpoint{epoch:04}.pth")
 
     knn = (lambda: knn_top1(t.teacher.backbone, datasets, args.global_crop_size, device)) \
-        if datasets.knn_test is not None and args.knn_every else None
+        if datasets.labelled_test is not None and args.knn_every else None
     if knn and start_epoch == start_it == 0:
         top1 = knn()
         if main_process:

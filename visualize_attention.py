@@ -151,7 +151,7 @@ def dataset_images(data_path, data_root, n, image_size, saved, patch_size):
     """The first n test images of a dataset, uint8 (n, 3, S, S), resized to S x S with S = backbone.eval_size
     (--image_size, else the checkpoint's global crop size, else the dataset's side), and their names."""
     datasets = data.build_datasets(data_path, data_root)
-    test = datasets.knn_test if datasets.knn_test is not None else datasets.train
+    test = datasets.labelled_test if datasets.labelled_test is not None else datasets.train
     size = backbone.eval_size(image_size, saved, datasets.image_size, patch_size)
     images = [TF.resize(data.to_rgb(test[i][0]), [size, size], antialias=True) for i in range(min(n, len(test)))]
     return torch.stack(images), [f"{Path(data_path).name}_test{i}" for i in range(len(images))]
@@ -193,7 +193,7 @@ def report_foreground_share(model, saved, args):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    model, saved = backbone.from_args(args)
+    model, saved = backbone.from_args(args, needs_vit="visualize_attention.py")
     if args.foreground_share:
         return report_foreground_share(model, saved, args)
     data_path = args.data_path or (saved.get("data_path") if saved.get("data_path") in data.DATASET_NAMES else None)

@@ -15,6 +15,11 @@ torch.set_num_threads(1)  # tiny tensors: a thread pool only adds overhead (test
 
 import vit  # noqa: E402  (after the path is set)
 
+
+def pytest_configure(config):
+    """A DeprecationWarning is an error in every test: an API on its way out fails here before it breaks."""
+    config.addinivalue_line("filterwarnings", "error::DeprecationWarning")
+
 # train.py on 28 px Fashion-MNIST with a 1-block ViT: a step takes milliseconds. Crop sizes are given, so the
 # flags also fit an image folder (which has no preset). Test files add what their claim needs.
 TINY_TRAIN = ["--data_path", "fashion_mnist", "--arch", "vit_tiny", "--depth", "1", "--patch_size", "7",

@@ -30,8 +30,8 @@ def test_linear_layer_starts_as_in_the_paper():
 
 def fashion_mnist(n_train, n_test):
     datasets = data.build_datasets("fashion_mnist", "data")
-    return (torch.utils.data.Subset(datasets.knn_train, range(n_train)),
-            torch.utils.data.Subset(datasets.knn_test, range(n_test)))
+    return (torch.utils.data.Subset(datasets.labelled_train, range(n_train)),
+            torch.utils.data.Subset(datasets.labelled_test, range(n_test)))
 
 
 def test_linear_probe_of_random_features_beats_chance_by_far_on_fashion_mnist():
