@@ -73,6 +73,7 @@ def main(argv=None):
                    help="numbers of neighbours (paper: 20)")
     p.add_argument("--temperature", type=cli.positive_float, default=0.07, help="T of the vote weights exp(sim / T)")
     p.add_argument("--batch_size", type=cli.positive_int, default=256)
+    p.add_argument("--subset", type=cli.nonneg_int, default=0, help="use only the first N images of each split")
     p.add_argument("--num_workers", type=cli.nonneg_int, default=min(4, os.cpu_count() or 1))
     p.add_argument("--raw_pixels", action="store_true", help="no backbone: the normalized pixels of the evaluation "
                    "view are the features (the scale for a backbone's figure)")
@@ -81,7 +82,7 @@ def main(argv=None):
         model, saved, args.device = torch.nn.Flatten(), {}, backbone.default_device(args.device)  # (B, 3 S S)
     else:
         model, saved = backbone.from_args(args)
-    datasets = data.build_datasets(args.data_path, args.data_root)
+    datasets = data.build_datasets(args.data_path, args.data_root, args.subset)
     if datasets.labelled_test is None:
         raise cli.ConfigError(f"{args.data_path} has no labelled test split: k-NN needs train/ and val/ folders")
     size = backbone.eval_size(args.image_size, saved, datasets.image_size, getattr(model, "patch_size", None))

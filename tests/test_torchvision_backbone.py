@@ -21,7 +21,7 @@ def test_resnet_trains_with_the_dino_head_and_its_checkpoint_evaluates_with_knn(
     ckpt = load(tmp_path)
     assert "backbone.layer4.1.conv2.weight" in ckpt["teacher"] and not any(".fc." in k for k in ckpt["teacher"])
     assert ckpt["student"]["head.mlp.0.weight"].shape[1] == 512  # resnet18's pooled features feed the head
-    eval_knn.main(["--pretrained_weights", str(tmp_path / "checkpoint.pth"), "--nb_knn", "5", "--num_workers", "0",
+    eval_knn.main(["--pretrained_weights", str(tmp_path / "checkpoint.pth"), "--nb_knn", "5", "--num_workers", "0", "--subset", "256",
                    "--device", "cpu"])
     assert "5-NN classifier result: top1 =" in capsys.readouterr().out
 
