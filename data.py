@@ -158,9 +158,10 @@ def training_loader(dataset, args, rank, world_size, device):
     """(loader, sampler): batches (crops, params, labels, errors) of this process. Each sample's crops and
     photometric draws depend only on (seed, epoch, index) (MultiCropDataset), never on the rank, the batch or the
     worker. `sampler.set_epoch(epoch, start)` chooses the epoch and how many of its samples to skip (resuming)."""
-    if len(dataset) < args.batch_size_per_gpu * world_size:
-        raise ConfigError(f"{len(dataset)} images are fewer than one batch of "
-                          f"{args.batch_size_per_gpu * world_size}: lower --batch_size_per_gpu")
+    step = args.batch_size_per_gpu * world_size * args.grad_accum_steps  # the images of one optimizer step
+    if len(dataset) < step:
+        raise ConfigError(f"{len(dataset)} images are fewer than one optimizer step of {step} (batch x processes x "
+                          f"--grad_accum_steps): lower --batch_size_per_gpu or --grad_accum_steps")
     transform = DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
                                      args.global_crop_size, args.local_crop_size, args.blur_sigma)
     # One permutation per epoch (seed + epoch), rank r takes perm[r::world_size]: batch k of all ranks together is

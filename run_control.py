@@ -9,11 +9,13 @@
 
 After each optimizer step: the running sums of the epoch (kept on the device, read back every --log_every steps),
 the unreadable-image budget, the non-finite-loss guard, the progress bar, the checkpoint every --saveckp_steps
-steps, and SIGTERM / SIGINT turned into "checkpoint after this step and exit" (StopFlag). Also the log rows.
+steps, and SIGTERM / SIGINT turned into "checkpoint after this step and exit" (StopFlag). Also the log rows, the
+epoch's line, and the launch under SLURM (srun's variables as torchrun's).
 """
 import json
 import os
 import signal
+import subprocess
 import time
 from dataclasses import dataclass
 
@@ -22,6 +24,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
+from cli import ConfigError
+from loss import collapse_warning
 
 
 @dataclass
@@ -160,3 +164,28 @@ def trim_log(out, start_epoch):
     if kept != rows:
         (out / "log.txt.tmp").write_text("".join(row + "\n" for row in kept))
         os.replace(out / "log.txt.tmp", out / "log.txt")
+
+
+def epoch_message(stats, out_dim):
+    """The epoch's line, and a warning when the loss and the teacher's entropy show a collapse (Sec. 5.3)."""
+    knn = f", k-NN top-1 {stats['knn_top1']:.2f}%" if "knn_top1" in stats else ""
+    warning = collapse_warning(stats["train_loss"], stats["teacher_entropy"], out_dim)
+    return f"epoch {stats['epoch']}: loss {stats['train_loss']:.4f}{knn}, {stats['epoch_time_s']} s" + (
+        f"\nWARNING: {warning}" if warning else "")
+
+
+def slurm_environment(env):
+    """torchrun's variables from srun's, as the official code reads them: RANK = SLURM_PROCID, WORLD_SIZE =
+    SLURM_NTASKS, LOCAL_RANK = SLURM_LOCALID; MASTER_ADDR: the first node of the job (scontrol), unless set."""
+    master = env.get("MASTER_ADDR")
+    if not master:
+        nodes = env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1"))
+        try:  # node[01-04] -> node01
+            master = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True,
+                                    check=True).stdout.split()[0]
+        except (OSError, subprocess.CalledProcessError, IndexError):
+            if "[" in nodes:
+                raise ConfigError(f"cannot find the first node of {nodes} (no scontrol): set MASTER_ADDR") from None
+            master = nodes.split(",")[0]
+    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"], "LOCAL_RANK": env["SLURM_LOCALID"],
+            "MASTER_ADDR": master, "MASTER_PORT": env.get("MASTER_PORT", "29500")}

@@ -12,7 +12,6 @@ import argparse
 import contextlib
 import json
 import os
-import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,7 +32,7 @@ from augment import photometric_views
 from cli import ConfigError
 from eval_knn import knn_top1
 from head import DINOHead, MultiCropWrapper
-from loss import DINOLoss, collapse_warning
+from loss import DINOLoss
 from run_control import EpochTotals
 
 # Each named dataset brings a preset; flags given on the command line override it.
@@ -150,11 +149,11 @@ def parse_args(argv=None):
 # --- distributed and precision ---------------------------------------------------------------------------
 def setup_distributed(args):
     """(device, rank, world_size, cpu_group). torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; srun sets the SLURM_*
-    variables (slurm_environment); with neither: one process, no process group. cpu_group: a gloo group for small
+    variables (run_control.slurm_environment); with neither: one process, no process group. cpu_group: a gloo group for small
     CPU messages that must not wait for the GPU."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if "RANK" not in os.environ and int(os.environ.get("SLURM_NTASKS", 1)) > 1:
-        os.environ.update(slurm_environment(os.environ))
+        os.environ.update(run_control.slurm_environment(os.environ))
     if "RANK" not in os.environ:
         return device, 0, 1, None
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -162,23 +161,6 @@ def setup_distributed(args):
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     return device, dist.get_rank(), dist.get_world_size(), dist.new_group(backend="gloo")
-
-
-def slurm_environment(env):
-    """torchrun's variables from srun's, as the official code reads them: RANK = SLURM_PROCID, WORLD_SIZE =
-    SLURM_NTASKS, LOCAL_RANK = SLURM_LOCALID; MASTER_ADDR: the first node of the job (scontrol), unless set."""
-    master = env.get("MASTER_ADDR")
-    if not master:
-        nodes = env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1"))
-        try:  # node[01-04] -> node01
-            master = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True,
-                                    check=True).stdout.split()[0]
-        except (OSError, subprocess.CalledProcessError, IndexError):
-            if "[" in nodes:
-                raise ConfigError(f"cannot find the first node of {nodes} (no scontrol): set MASTER_ADDR") from None
-            master = nodes.split(",")[0]
-    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"], "LOCAL_RANK": env["SLURM_LOCALID"],
-            "MASTER_ADDR": master, "MASTER_PORT": env.get("MASTER_PORT", "29500")}
 
 
 def setup_precision(args, device):
@@ -326,12 +308,34 @@ def train_one_epoch(t, loader, epoch, run):
     return run.epoch_stats(t.wd)
 
 
-def epoch_message(stats, out_dim):
-    """The epoch's line, and a warning when the loss and the teacher's entropy show a collapse (Sec. 5.3)."""
-    knn = f", k-NN top-1 {stats['knn_top1']:.2f}%" if "knn_top1" in stats else ""
-    warning = collapse_warning(stats["train_loss"], stats["teacher_entropy"], out_dim)
-    return f"epoch {stats['epoch']}: loss {stats['train_loss']:.4f}{knn}, {stats['epoch_time_s']} s" + (
-        f"\nWARNING: {warning}" if warning else "")
+# --- resume and save -----------------------------------------------------------------------------------------
+def resume(state, args, out, rank, world_size, device):
+    """(epoch, step, running sums) where training continues: at an epoch's end, or inside one (its first steps done,
+    their sums saved); None when the checkpoint has finished training (a run of the same command again)."""
+    start_epoch, start_it, saved = checkpoint.resume(out / "checkpoint.pth", state, args, rank, world_size, device)
+    totals = saved and EpochTotals(*(saved[k].to(device) for k in ("loss", "teacher_entropy", "nonfinite")),
+                                   saved["skipped"])
+    if start_epoch >= args.epochs:
+        if rank == 0:
+            print(f"{out / 'checkpoint.pth'} has finished training: epoch {start_epoch} of {args.epochs}. To train "
+                  f"longer, run again with a larger --epochs; to start afresh, give another --output_dir")
+        return None
+    if rank == 0 and (start_epoch or start_it):
+        print(f"resumed from {out / 'checkpoint.pth'} at epoch {start_epoch}, step {start_it}")
+        run_control.trim_log(out, start_epoch)
+    return start_epoch, start_it, totals
+
+
+def save_checkpoint(state, args, epoch, iteration, totals, device, group, keep=False):
+    """checkpoint.pth continuing at step `iteration` of `epoch`; keep: also checkpointXXXX.pth. Every rank calls it
+    (the RNG states are gathered); rank 0 writes."""
+    ckpt = checkpoint.checkpoint_dict(state, args, epoch, iteration, totals and asdict(totals), device, group)
+    if group is None or dist.get_rank() == 0:
+        out = Path(args.output_dir)
+        checkpoint.save_atomic(ckpt, out / "checkpoint.pth")
+        if keep:  # NOTE: named for the epochs done (checkpoint0020.pth after 20); the official names a checkpoint
+            # for the epoch index that wrote it (checkpoint0000.pth, 0020, ... when epoch % saveckp_freq == 0)
+            checkpoint.save_atomic(ckpt, out / f"checkpoint{epoch:04}.pth")
 
 
 # --- the training script: Alg. 1 ----------------------------------------------------------------------------
@@ -344,36 +348,16 @@ def main(argv=None):
         checkpoint.check_writable(out)
     datasets = data.build_datasets(args.data_path, args.data_root, args.subset)
     loader, sampler = data.training_loader(datasets.train, args, rank, world_size, device)
-    steps_per_epoch = len(loader) // args.grad_accum_steps
-    if steps_per_epoch == 0:
-        raise ConfigError(f"{len(loader)} batches per epoch are fewer than --grad_accum_steps "
-                          f"{args.grad_accum_steps}: lower it or --batch_size_per_gpu")
+    steps_per_epoch = len(loader) // args.grad_accum_steps  # optimizer steps
     t = build_training(args, device, world_size, cpu_group is not None, steps_per_epoch)
 
-    # resume: at an epoch's end, or inside one (its first `start_it` steps done, their sums in `totals`)
     state = dict(student=getattr(t.student, "module", t.student), teacher=t.teacher, optimizer=t.optimizer,
                  scaler=t.scaler, dino_loss=t.dino_loss)
-    start_epoch, start_it, saved = checkpoint.resume(out / "checkpoint.pth", state, args, rank, world_size, device)
-    totals = saved and EpochTotals(*(saved[k].to(device) for k in ("loss", "teacher_entropy", "nonfinite")),
-                                   saved["skipped"])
-    if start_epoch >= args.epochs:
-        if main_process:
-            print(f"{out / 'checkpoint.pth'} has finished training: epoch {start_epoch} of {args.epochs}. To train "
-                  f"longer, run again with a larger --epochs; to start afresh, give another --output_dir")
+    start = resume(state, args, out, rank, world_size, device)
+    if start is None:
         return
-    if main_process and (start_epoch or start_it):
-        print(f"resumed from {out / 'checkpoint.pth'} at epoch {start_epoch}, step {start_it}")
-        run_control.trim_log(out, start_epoch)
-
-    def save(epoch, iteration, totals, keep=False):  # every rank calls it (RNG states are gathered); rank 0 writes
-        ckpt = checkpoint.checkpoint_dict(state, args, epoch, iteration, totals and asdict(totals), device,
-                                          cpu_group)
-        if main_process:
-            checkpoint.save_atomic(ckpt, out / "checkpoint.pth")
-            if keep:  # NOTE: named for the epochs done (checkpoint0020.pth after 20); the official names a
-                # checkpoint for the epoch index that wrote it (checkpoint0000.pth, 0020, ... when epoch % freq == 0)
-                checkpoint.save_atomic(ckpt, out / f"checkpoint{epoch:04}.pth")
-
+    start_epoch, start_it, totals = start
+    save = lambda epoch, it, sums, keep=False: save_checkpoint(state, args, epoch, it, sums, device, cpu_group, keep)
     knn = (lambda: knn_top1(t.teacher.backbone, datasets, args.global_crop_size, device)) \
         if datasets.labelled_test is not None and args.knn_every else None
     if knn and start_epoch == start_it == 0:
@@ -395,7 +379,7 @@ def main(argv=None):
                 stats["knn_top1"] = knn()
             if main_process:  # the log row, then the checkpoint: a run killed in between drops the row on resume
                 stats = dict(stats, epoch=epoch, epoch_time_s=round(time.time() - t0, 1))
-                run_control.log(out, stats, epoch_message(stats, args.out_dim))
+                run_control.log(out, stats, run_control.epoch_message(stats, args.out_dim))
                 draw.training_curves(draw.read_log(out / "log.txt"), args.out_dim, out / "curves.png", str(out))
             save(epoch + 1, 0, None, keep=args.saveckp_freq and (epoch + 1) % args.saveckp_freq == 0)
             if stop.stopped and not last:

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import run_control
 import train
 from conftest import ROOT, TINY_TRAIN, load, no_key_bias, read_rows, relative_difference
 
@@ -44,7 +45,7 @@ def test_srun_with_two_tasks_trains_as_torchrun_does(tmp_path):
 
 def test_slurm_variables_become_torchruns():
     env = {"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu07,gpu08"}
-    assert train.slurm_environment(env) == {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1",
+    assert run_control.slurm_environment(env) == {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1",
                                            "MASTER_ADDR": "gpu07", "MASTER_PORT": "29500"}
 
 

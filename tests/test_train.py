@@ -1,5 +1,6 @@
 """End-to-end claims about train.py on real Fashion-MNIST images (tiny ViT, a few steps, CPU)."""
 import json
+import re
 import math
 import os
 import subprocess
@@ -66,12 +67,26 @@ def test_empty_folder_is_a_clear_error(tmp_path):
         train.main(TINY + ["--data_path", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "out")])
 
 
-def test_checkpoint_of_another_architecture_is_refused_and_kept(tmp_path):
-    train.main(TINY + ["--epochs", "1", "--output_dir", str(tmp_path)])
+def test_checkpoint_that_the_flags_cannot_continue_is_refused_in_one_line_and_kept(tmp_path):
+    """Another model, or another optimizer state: the optimizer's kind, the last layer's norm fixed or not (one
+    parameter more or fewer), fp16's loss scale."""
+    train.main(TINY + ["--epochs", "1", "--knn_every", "0", "--output_dir", str(tmp_path)])
     before = (tmp_path / "checkpoint.pth").read_bytes()
-    with pytest.raises(train.ConfigError, match="out_dim"):
-        train.main(TINY + ["--epochs", "2", "--out_dim", "256", "--output_dir", str(tmp_path)])
+    for flags, message in [(["--out_dim", "256"], "out_dim: checkpoint 128, now 256"),
+                           (["--optimizer", "sgd"], "optimizer: checkpoint 'adamw', now 'sgd'"),
+                           (["--norm_last_layer", "false"], "norm_last_layer: checkpoint True, now False"),
+                           (["--precision", "fp16"], "fp16 (GradScaler): checkpoint False, now True")]:
+        with pytest.raises(train.ConfigError, match=re.escape(message)):
+            train.main(TINY + ["--epochs", "2", "--knn_every", "0", *flags, "--output_dir", str(tmp_path)])
     assert (tmp_path / "checkpoint.pth").read_bytes() == before
+
+
+def test_a_finished_run_run_again_says_it_is_complete_and_how_to_go_on(tmp_path, capsys):
+    train.main(TINY + ["--epochs", "1", "--knn_every", "0", "--output_dir", str(tmp_path)])
+    capsys.readouterr()
+    train.main(TINY + ["--epochs", "1", "--knn_every", "0", "--output_dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "has finished training: epoch 1 of 1" in out and "--epochs" in out and "--output_dir" in out
 
 
 def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
