@@ -6,6 +6,7 @@ teacher and the center stay fixed until the step is taken: then the EMA moves on
 teacher outputs of all micro-batches of all processes. Compared in fp32 with drop path 0 over 3 optimizer steps.
 """
 import os
+import socket
 import subprocess
 import sys
 
@@ -45,17 +46,31 @@ def test_four_micro_batches_of_8_give_one_batch_of_32(tmp_path):
 
 
 def test_two_processes_of_two_micro_batches_give_one_process_of_one_batch(tmp_path):
-    """torchrun with gloo: 2 processes x 2 micro-batches x 8 images against 1 process x 32 images."""
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "train.py", *FLAGS, "--batch_size_per_gpu", "8", "--grad_accum_steps", "2",
-                          "--output_dir", str(tmp_path / "two")], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert res.returncode == 0, res.stderr[-3000:]
+    """2 processes x 2 micro-batches x 8 images against 1 process x 32 images. The 2 processes are started as srun
+    starts its tasks (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID), so the launch under SLURM is tested too; only
+    rank 0 writes."""
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, OMP_NUM_THREADS="1", SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank),
+                   SLURM_JOB_NODELIST="127.0.0.1", MASTER_PORT=str(free_port()) if rank == 0 else procs[0][1])
+        cmd = [sys.executable, "train.py", *FLAGS, "--batch_size_per_gpu", "8", "--grad_accum_steps", "2",
+               "--output_dir", str(tmp_path / "two")]
+        procs.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       text=True), env["MASTER_PORT"]))
+    outputs = [p.communicate(timeout=300) for p, _ in procs]
+    assert all(p.returncode == 0 for p, _ in procs), "".join(err[-2000:] for _, err in outputs)
+    assert "epoch 0:" in outputs[0][0] and "epoch 0:" not in outputs[1][0]  # rank 0 prints and writes
     train.main(FLAGS + ["--batch_size_per_gpu", "32", "--output_dir", str(tmp_path / "one")])
     two, one = load(tmp_path / "two"), load(tmp_path / "one")
     print(f"largest relative difference: {largest_difference(two, one):.2e}")
     assert_same_training(two, one)
     assert two["world_size"] == 2
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_center_and_teacher_move_once_per_optimizer_step_not_per_micro_batch(monkeypatch):

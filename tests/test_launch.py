@@ -1,52 +1,20 @@
-"""train.py runs the same under torchrun, under SLURM's srun and as one process, and its precision and compile
-paths run on the CPU (so a first GPU run meets no untested code)."""
-import os
-import socket
-import subprocess
-import sys
-
+"""train.py's launch under SLURM and its precision and compile paths, on the CPU (so a first GPU run meets no
+untested code). Two processes started as srun starts them train as one: tests/test_grad_accum.py."""
 import pytest
 import torch
 
 import run_control
 import train
-from conftest import ROOT, TINY_TRAIN, load, no_key_bias, read_rows, relative_difference
+from conftest import TINY_TRAIN, load, read_rows
 
 FLAGS = TINY_TRAIN + ["--subset", "64", "--epochs", "1", "--drop_path_rate", "0", "--precision", "fp32",
                       "--knn_every", "0", "--saveckp_freq", "0", "--freeze_last_layer", "0", "--log_every", "1"]
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_srun_with_two_tasks_trains_as_torchrun_does(tmp_path):
-    """SLURM_PROCID, SLURM_NTASKS and SLURM_LOCALID (what srun sets for each task) make a process group of 2:
-    2 tasks of batch 8 give one process of batch 16, and only rank 0 writes."""
-    port = free_port()
-    procs = []
-    for rank in range(2):
-        env = dict(os.environ, OMP_NUM_THREADS="1", SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank),
-                   SLURM_JOB_NODELIST="127.0.0.1", MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, "train.py", *FLAGS, "--batch_size_per_gpu", "8",
-                                       "--output_dir", str(tmp_path / "srun")], cwd=ROOT, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outputs = [p.communicate(timeout=300) for p in procs]
-    assert all(p.returncode == 0 for p in procs), outputs[0][1][-2000:] + outputs[1][1][-2000:]
-    train.main(FLAGS + ["--batch_size_per_gpu", "16", "--output_dir", str(tmp_path / "one")])
-    two, one = load(tmp_path / "srun"), load(tmp_path / "one")
-    assert two["world_size"] == 2
-    for part in ("student", "teacher", "dino_loss"):
-        for name in one[part]:
-            assert relative_difference(no_key_bias(name, two[part][name]), no_key_bias(name, one[part][name])) <= 1e-5
-
-
 def test_slurm_variables_become_torchruns():
     env = {"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu07,gpu08"}
     assert run_control.slurm_environment(env) == {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1",
-                                           "MASTER_ADDR": "gpu07", "MASTER_PORT": "29500"}
+                                                  "MASTER_ADDR": "gpu07", "MASTER_PORT": "29500"}
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
