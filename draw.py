@@ -2,9 +2,9 @@
 
     labelled_grid(rows, col_titles, row_titles, caption)   a grid of uint8 (3, H, W) images with titles
     draw_panel(...)                                        axes, ticks and curves (collapse_study.py's figure)
-    training_curves(rows, out_dim, path)                   a run's curves.png, drawn by train.py after each epoch
+    training_curves(output_dir, out_dim)                   a run's curves.png, drawn by train.py after each epoch
 
-    python draw.py output/log.txt                          redraw curves.png from any run's log.txt
+    python draw.py output                                  redraw curves.png of any run from its logs
 
 PIL comes with torchvision; nothing else is needed.
 """
@@ -126,65 +126,71 @@ def draw_panel(draw, box, title, curves, key, y_high, font, hline=None, x_label=
 
 
 # --- a training run's curves ---------------------------------------------------------------------------------
-def read_log(path):
-    """The rows of a train.py log.txt (one JSON object per epoch; epoch -1: the k-NN before training)."""
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.endswith("}")]
-    if not rows:
-        raise ValueError(f"{path} holds no log row yet")
-    return rows
+def read_rows(path):
+    """The JSON rows of a train.py log.txt (one per epoch; epoch -1: the k-NN before training) or steps.txt (one per
+    --log_every optimizer steps); [] when the file is not there. A row cut by a kill is left out."""
+    path = Path(path)
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")] if path.exists() else []
 
 
-def training_curves(rows, out_dim, path, title="", size=(1050, 620)):
-    """curves.png: loss, teacher entropy against ln K, KL(P_t || P_s), k-NN top-1 and lr against epochs (a point
-    at the end of each epoch; the k-NN before training at 0). Sec. 5.3: a healthy run keeps the entropy between 0
-    and ln K and the KL above 0."""
-    epochs = [r for r in rows if r["epoch"] >= 0]
-    at = lambda rs, key: {"run": {"steps": [r["epoch"] + 1 for r in rs], key: [r[key] for r in rs]}}
-    knn = [dict(r, epoch=r["epoch"]) for r in rows if "knn_top1" in r]
+def training_curves(out, out_dim, path=None, size=(1050, 620)):
+    """out/curves.png of a train.py output folder: loss, teacher entropy against ln K, KL(P_t || P_s) and lr over
+    optimizer steps (steps.txt: a point per --log_every steps; else log.txt's epoch means), the k-NN top-1 at the
+    end of the epochs where it was measured (0: before training). Sec. 5.3: a healthy run keeps the entropy
+    between 0 and ln K and the KL above 0."""
+    out = Path(out)
+    epochs = read_rows(out / "log.txt")
+    steps = read_rows(out / "steps.txt") or [r for r in epochs if r["epoch"] >= 0]
+    if not epochs and not steps:
+        raise ValueError(f"{out} holds no log.txt rows yet")
+    at = lambda rows, key: {"run": {"steps": [r["step"] if "step" in r else r["epoch"] + 1 for r in rows if key in r],
+                                    key: [r[key] for r in rows if key in r]}}
+    knn = [r for r in epochs if "knn_top1" in r]
     ln_k = math.log(out_dim)
     image = Image.new("RGB", size, "white")
     draw, f = ImageDraw.Draw(image), load_font(13)
     w, h = size[0] // 3, (size[1] - 40) // 2
     box = lambda col, row: (col * w + 60, 40 + row * h + 20, (col + 1) * w - 20, 40 + (row + 1) * h - 46)
-    high = lambda values: max(1.1 * max(values), 1e-9)
-    panels = [("training loss", "train_loss", None), ("teacher entropy H(P_t)", "teacher_entropy",
-                                                       (ln_k, f"ln K = {ln_k:.2f}")),
-              ("KL(P_t || P_s) = loss - entropy", "kl_teacher_student", None), ("lr", "train_lr", None)]
-    for i, (name, key, hline) in enumerate(panels):
-        if epochs:
-            top = max(high([r[key] for r in epochs]), 1.1 * ln_k if hline else 0)
-            draw_panel(draw, box(i % 3 if i < 3 else 1, i // 3), name, at(epochs, key), key, top, f, hline, "epochs")
+    x_label = "optimizer steps" if all("step" in r for r in steps) else "epochs"
+    panels = [("training loss", "train_loss", None, (0, 0)), ("lr", "train_lr", None, (1, 1)),
+              ("teacher entropy H(P_t)", "teacher_entropy", (ln_k, f"ln K = {ln_k:.2f}"), (1, 0)),
+              ("KL(P_t || P_s) = loss - entropy", "kl_teacher_student", None, (2, 0))]
+    for name, key, hline, (col, row) in panels:
+        values = [r[key] for r in steps if key in r]
+        if values:
+            top = max(1.1 * max(values), 1.1 * ln_k if hline else 0, 1e-9)
+            draw_panel(draw, box(col, row), name, at(steps, key), key, top, f, hline, x_label)
     if knn:
-        draw_panel(draw, box(0, 1), "k-NN top-1 (%)", at(knn, "knn_top1"), "knn_top1", 100, f, x_label="epochs")
-    last = epochs[-1] if epochs else {}
-    notes = [title, f"{len(epochs)} epochs logged"] + ([f"last loss {last['train_loss']:.4f}",
+        draw_panel(draw, box(0, 1), "k-NN top-1 (%)", at(knn, "knn_top1"), "knn_top1", 100, f, x_label=x_label)
+    last = steps[-1] if steps else {}
+    done = [r for r in epochs if r["epoch"] >= 0]
+    notes = [str(out), f"epochs done: {len(done)}"] + ([f"loss {last['train_loss']:.4f} (last point)",
              f"entropy {last['teacher_entropy']:.3f} of ln K {ln_k:.2f}"] if last else []) + (
              [f"k-NN top-1 {knn[0]['knn_top1']:.2f}% -> {knn[-1]['knn_top1']:.2f}%"] if knn else [])
-    for j, line in enumerate(filter(None, notes)):
+    for j, line in enumerate(notes):
         draw.text((2 * w + 40, 40 + h + 30 + 20 * j), line, fill="black", font=f)
-    draw.text((size[0] / 2, 8), "DINO training curves" + (f": {title}" if title else ""), fill="black", font=f,
-              anchor="mt")
-    return save(image, path)
+    draw.text((size[0] / 2, 8), f"DINO training curves: {out}", fill="black", font=f, anchor="mt")
+    return save(image, path or out / "curves.png")
 
 
 def main(argv=None):
-    p = cli.ArgumentParser(description="Draw curves.png of a train.py run from its log.txt (resumed runs included)")
-    p.add_argument("log", nargs="?", type=cli.existing_file, default="output/log.txt", help="a train.py log.txt")
+    p = cli.ArgumentParser(description="Draw curves.png of a train.py run from its log.txt and steps.txt (resumed "
+                           "runs included)")
+    p.add_argument("output_dir", nargs="?", type=cli.existing_dir, default="output", help="a train.py --output_dir")
     p.add_argument("--out_dim", type=cli.positive_int, default=None, help="K of the run, for ln K (default: the "
-                   "checkpoint.pth beside the log)")
-    p.add_argument("--output", default=None, help="the PNG (default: curves.png beside the log)")
+                   "checkpoint.pth in the folder)")
+    p.add_argument("--output", default=None, help="the PNG (default: curves.png in the folder)")
     args = p.parse_args(argv)
-    folder = Path(args.log).parent
+    folder = Path(args.output_dir)
     if args.out_dim is None:
         if not (folder / "checkpoint.pth").is_file():
-            raise cli.ConfigError(f"no checkpoint.pth beside {args.log} to read out_dim from: give --out_dim")
+            raise cli.ConfigError(f"no checkpoint.pth in {folder} to read out_dim from: give --out_dim")
         args.out_dim = checkpoint.load_state_dict(folder / "checkpoint.pth")["args"]["out_dim"]
     try:
-        rows = read_log(args.log)
+        print(training_curves(folder, args.out_dim, args.output))
     except (ValueError, KeyError) as e:
-        raise cli.ConfigError(f"{args.log} is not a train.py log ({e})") from None
-    print(training_curves(rows, args.out_dim, args.output or folder / "curves.png", str(folder)))
+        raise cli.ConfigError(f"{folder} holds no train.py log ({e})") from None
 
 
-if __name__ == "__main__":  # python draw.py output/log.txt: redraw a run's curves
+if __name__ == "__main__":  # python draw.py OUTPUT_DIR: redraw a run's curves
     cli.run_cli(main)

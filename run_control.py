@@ -24,6 +24,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
+import draw
 from cli import ConfigError
 from loss import collapse_warning
 
@@ -41,9 +42,11 @@ class RunControl:
     """The bookkeeping of one epoch (steps start_it, start_it + 1, ... of steps_per_epoch). save(it, totals)
     writes a checkpoint that continues at step `it`; stop: a StopFlag, or None."""
 
-    def __init__(self, args, epoch, steps_per_epoch, start_it, totals, stop, save, device, warned, lr):
+    def __init__(self, args, epoch, steps_per_epoch, start_it, totals, stop, save, device, warned, lr, out=None):
         self.args, self.epoch, self.niter, self.start_it = args, epoch, steps_per_epoch, start_it
         self.totals = totals or EpochTotals(*torch.zeros(3, device=device).unbind())
+        self.out = out  # rank 0's output folder: every --log_every steps a row of out/steps.txt (curves.png)
+        self.window = (start_it, self.totals.loss.clone(), self.totals.teacher_entropy.clone())
         self.stop, self.save, self.device, self.warned, self.lr = stop, save, device, warned, lr
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.images_per_step = args.batch_size_per_gpu * args.grad_accum_steps  # per process
@@ -74,6 +77,7 @@ class RunControl:
             self.check_finite(f"loss is {loss.item()} at epoch {self.epoch}, step {it}")  # one sync per log_every
             self.bar.set_postfix(loss=f"{totals.loss.item() / (it + 1):.4f}", lr=f"{self.lr[step]:.2e}",
                                  img_s=f"{self.images_per_s():.0f}")
+            self.log_steps(it, step)
         # NOTE: the official code writes checkpoints only at the end of an epoch and does not catch signals.
         stopping = self.stop is not None and self.stop.end_step()
         if not last and (stopping or args.saveckp_steps and (step + 1) % args.saveckp_steps == 0):
@@ -82,6 +86,18 @@ class RunControl:
         if stopping and not last:
             self.stopped_at = it + 1
         return self.stopped_at is not None
+
+    def log_steps(self, it, step):
+        """A row of out/steps.txt: the means over the steps since the last row (this process's)."""
+        first, loss_sum, entropy_sum = self.window
+        if self.out is None or it + 1 == first:
+            return
+        n = it + 1 - first
+        loss, entropy = (self.totals.loss - loss_sum).item() / n, (self.totals.teacher_entropy - entropy_sum).item() / n
+        with open(self.out / "steps.txt", "a") as f:
+            f.write(json.dumps({"step": step + 1, "train_loss": loss, "teacher_entropy": entropy,
+                                "kl_teacher_student": loss - entropy, "train_lr": float(self.lr[step])}) + "\n")
+        self.window = (it + 1, self.totals.loss.clone(), self.totals.teacher_entropy.clone())
 
     def check_finite(self, what):
         if self.totals.nonfinite.item():
@@ -99,7 +115,7 @@ class RunControl:
             dist.all_reduce(figures)
             figures[:2] /= dist.get_world_size()
         loss, entropy, skipped = figures.tolist()
-        return {"train_loss": loss, "train_lr": float(self.lr[step]), "train_wd": float(wd[step]),
+        return {"step": step + 1, "train_loss": loss, "train_lr": float(self.lr[step]), "train_wd": float(wd[step]),
                 "teacher_entropy": entropy, "kl_teacher_student": loss - entropy, "skipped_images": int(skipped),
                 "images_per_s": round(self.images_per_s(), 1)}
 
@@ -156,14 +172,25 @@ def log(out, stats, message=None):
         print(message, flush=True)
 
 
-def trim_log(out, start_epoch):
-    """Keep the rows of the epochs before start_epoch only: those after it (logged by a run killed before their
-    checkpoint) are trained again; a row cut by a kill goes too."""
-    rows = (out / "log.txt").read_text().splitlines() if (out / "log.txt").exists() else []
-    kept = [row for row in rows if row.endswith("}") and json.loads(row)["epoch"] < start_epoch]
-    if kept != rows:
-        (out / "log.txt.tmp").write_text("".join(row + "\n" for row in kept))
-        os.replace(out / "log.txt.tmp", out / "log.txt")
+def trim_log(out, start_epoch, start_step):
+    """Keep the rows of log.txt of the epochs before start_epoch, and those of steps.txt up to optimizer step
+    start_step: the later ones (logged by a run killed before their checkpoint) are trained again; a row cut by a
+    kill goes too."""
+    for name, keep in (("log.txt", lambda row: row["epoch"] < start_epoch),
+                       ("steps.txt", lambda row: row["step"] <= start_step)):
+        rows = (out / name).read_text().splitlines() if (out / name).exists() else []
+        kept = [row for row in rows if row.endswith("}") and keep(json.loads(row))]
+        if kept != rows:
+            (out / f"{name}.tmp").write_text("".join(row + "\n" for row in kept))
+            os.replace(out / f"{name}.tmp", out / name)
+
+
+def draw_curves(out, out_dim):
+    """out/curves.png (draw.training_curves); a picture that cannot be drawn is a warning, never a lost run."""
+    try:
+        draw.training_curves(out, out_dim)
+    except Exception as e:  # the checkpoint is already saved: training goes on whatever the drawing does
+        print(f"WARNING: could not draw {out / 'curves.png'} ({type(e).__name__}: {e})", flush=True)
 
 
 def epoch_message(stats, out_dim):

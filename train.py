@@ -25,7 +25,6 @@ import backbone
 import checkpoint
 import cli
 import data
-import draw
 import run_control
 import vit
 from augment import photometric_views
@@ -309,7 +308,7 @@ def train_one_epoch(t, loader, epoch, run):
 
 
 # --- resume and save -----------------------------------------------------------------------------------------
-def resume(state, args, out, rank, world_size, device):
+def resume(state, args, out, rank, world_size, device, steps_per_epoch):
     """(epoch, step, running sums) where training continues: at an epoch's end, or inside one (its first steps done,
     their sums saved); None when the checkpoint has finished training (a run of the same command again)."""
     start_epoch, start_it, saved = checkpoint.resume(out / "checkpoint.pth", state, args, rank, world_size, device)
@@ -322,7 +321,7 @@ def resume(state, args, out, rank, world_size, device):
         return None
     if rank == 0 and (start_epoch or start_it):
         print(f"resumed from {out / 'checkpoint.pth'} at epoch {start_epoch}, step {start_it}")
-        run_control.trim_log(out, start_epoch)
+        run_control.trim_log(out, start_epoch, start_epoch * steps_per_epoch + start_it)
     return start_epoch, start_it, totals
 
 
@@ -353,7 +352,7 @@ def main(argv=None):
 
     state = dict(student=getattr(t.student, "module", t.student), teacher=t.teacher, optimizer=t.optimizer,
                  scaler=t.scaler, dino_loss=t.dino_loss)
-    start = resume(state, args, out, rank, world_size, device)
+    start = resume(state, args, out, rank, world_size, device, steps_per_epoch)
     if start is None:
         return
     start_epoch, start_it, totals = start
@@ -363,13 +362,14 @@ def main(argv=None):
     if knn and start_epoch == start_it == 0:
         top1 = knn()
         if main_process:
-            run_control.log(out, {"epoch": -1, "knn_top1": top1}, f"k-NN top-1 before training: {top1:.2f}%")
+            run_control.log(out, {"epoch": -1, "step": 0, "knn_top1": top1}, f"k-NN top-1 before training: {top1:.2f}%")
     with run_control.StopFlag(cpu_group) as stop:
         for epoch in range(start_epoch, args.epochs):
             sampler.set_epoch(epoch, start=start_it * args.batch_size_per_gpu * args.grad_accum_steps)
             t0 = time.time()
             run = run_control.RunControl(args, epoch, steps_per_epoch, start_it, totals, stop,
-                                         lambda it, sums: save(epoch, it, sums), device, t.warned, t.lr)
+                                         lambda it, sums: save(epoch, it, sums), device, t.warned, t.lr,
+                                         out if main_process else None)
             stats = train_one_epoch(t, loader, epoch, run)
             start_it, totals, last = 0, None, epoch == args.epochs - 1
             if stats is None:  # stopped by SIGTERM / SIGINT, after a checkpoint at that step
@@ -380,8 +380,9 @@ def main(argv=None):
             if main_process:  # the log row, then the checkpoint: a run killed in between drops the row on resume
                 stats = dict(stats, epoch=epoch, epoch_time_s=round(time.time() - t0, 1))
                 run_control.log(out, stats, run_control.epoch_message(stats, args.out_dim))
-                draw.training_curves(draw.read_log(out / "log.txt"), args.out_dim, out / "curves.png", str(out))
             save(epoch + 1, 0, None, keep=args.saveckp_freq and (epoch + 1) % args.saveckp_freq == 0)
+            if main_process:
+                run_control.draw_curves(out, args.out_dim)
             if stop.stopped and not last:
                 stop.report(out, epoch + 1, 0, main_process)
                 break
