@@ -14,6 +14,9 @@ the common foreground. Its descriptors are clustered again into --num_parts part
         --num_images 8 --sample_interval 10
     python cosegment.py --pretrained_weights output/checkpoint.pth --measure 300
 
+NOTE: images are resized so that their short side is --load_size (default 224, 56 for Fashion-MNIST); the
+reference's cosegmentation.py command line keeps their original size unless given --load_size.
+
 --measure N co-segments N Fashion-MNIST test images (N / 10 of each class, in sets of --num_images) and prints
 the Jaccard index of the masks against the garment (pixels > 0), for the model and the same architecture at
 random init.
@@ -134,7 +137,9 @@ def measure(model, args):
 
 def get_args_parser():
     p = ArgumentParser(description="Co-segmentation and part co-segmentation with dense DINO descriptors "
-                                   "(Amir et al. 2021, Sec. 4.1-4.2)")
+                                   "(Amir et al. 2021, Sec. 4.1-4.2). NOTE: images are resized to a short side of "
+                                   "--load_size (default 224), where the reference's command line keeps their "
+                                   "original size unless given --load_size.")
     backbone.add_args(p)
     g = p.add_argument_group("descriptors (Amir et al. Sec. 3)")
     g.add_argument("--layer", type=nonneg_int, default=None, help="block (from 0) whose facet is the descriptor; "

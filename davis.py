@@ -96,28 +96,55 @@ def db_eval_iou(gt, pred):
 def seg2bmap(mask):
     """One-pixel boundaries of bool masks (..., H, W): a pixel whose right, lower or lower-right neighbour differs
     (the boundary sits half a pixel towards the origin); on the last row only the right neighbour counts, on the
-    last column only the lower one (D. Martin's seg2bmap, as the DAVIS evaluation)."""
-    e, s, se = torch.zeros_like(mask), torch.zeros_like(mask), torch.zeros_like(mask)
-    e[..., :, :-1], s[..., :-1, :], se[..., :-1, :-1] = mask[..., :, 1:], mask[..., 1:, :], mask[..., 1:, 1:]
-    b = (mask ^ e) | (mask ^ s) | (mask ^ se)
-    b[..., -1, :] = mask[..., -1, :] ^ e[..., -1, :]
-    b[..., :, -1] = mask[..., :, -1] ^ s[..., :, -1]
-    b[..., -1, -1] = False
+    last column only the lower one, the last pixel is never a boundary (D. Martin's seg2bmap, as the DAVIS
+    evaluation). Written with slices of the mask, no shifted copies."""
+    m, b = mask, torch.zeros_like(mask)
+    inner = m[..., :-1, :-1]  # (..., H - 1, W - 1): the pixels with all three neighbours
+    b[..., :-1, :-1] = (inner ^ m[..., :-1, 1:]) | (inner ^ m[..., 1:, :-1]) | (inner ^ m[..., 1:, 1:])
+    b[..., -1, :-1] = m[..., -1, :-1] ^ m[..., -1, 1:]
+    b[..., :-1, -1] = m[..., :-1, -1] ^ m[..., 1:, -1]
     return b
 
 
+def davis_disk(radius):
+    """(n, n) bool numpy: the structuring element of the DAVIS code, scikit-image's disk(radius): the points (y, x)
+    of arange(-radius, radius + 1) squared with y^2 + x^2 <= radius^2. A whole radius r gives the n = 2r + 1 disk;
+    any other radius an even n, with the ones off the centre of the grid (2.5: a 6 x 6 grid, its central 4 x 4)."""
+    r = np.arange(-radius, radius + 1)  # (n,): the same floats as skimage's
+    return r[:, None] ** 2 + r[None, :] ** 2 <= radius ** 2  # (n, n)
+
+
 def dilate_disk(mask, radius):
-    """Binary dilation of bool masks (..., H, W) by a disk {dx^2 + dy^2 <= radius^2} (skimage's disk(radius)): a
-    convolution with the disk's indicator, > 0."""
-    r = torch.arange(-radius, radius + 1)
-    disk = ((r[:, None] ** 2 + r[None, :] ** 2) <= radius ** 2).float()  # (2r+1, 2r+1)
-    hits = F.conv2d(mask.reshape(-1, 1, *mask.shape[-2:]).float(), disk[None, None], padding=radius)  # (B, 1, H, W)
-    return hits.reshape(mask.shape) > 0.5  # (B, 1, H, W) -> (..., H, W)
+    """Binary dilation of bool masks (..., H, W) by davis_disk(radius) as OpenCV's dilate (the DAVIS code) does it:
+    with the anchor at (n // 2, n // 2), pixel (y, x) is set when a pixel (y + i - n // 2, x + j - n // 2) is, for
+    a one (i, j) of the element; pixels outside the image count as unset. For a whole radius that is the disk
+    around each pixel; for an even n the disk sits half a pixel off (2.5: a set pixel sets the 4 x 4 square from
+    one pixel above and left of it to two below and right).
+    How: each row of the element is one run of ones, columns lo..hi - 1; a run is found along the rows of the
+    (padded) mask by a cumulative sum and one difference, then moved by the row's offset and OR-ed in: a few
+    passes over the masks for any radius, where a convolution makes n^2 of them."""
+    disk = davis_disk(radius)
+    n, height, width = disk.shape[0], *mask.shape[-2:]
+    a = n // 2
+    padded = F.pad(mask.to(torch.uint8), (a, n - 1 - a, a, n - 1 - a))  # (..., H + n - 1, W + n - 1)
+    sums = F.pad(padded.cumsum(-1, dtype=torch.int32), (1, 0))  # (..., H + n - 1, W + n): ones left of a column
+    rows_of_run = {}
+    for i in range(n):
+        cols = np.flatnonzero(disk[i])
+        if cols.size:
+            rows_of_run.setdefault((int(cols[0]), int(cols[-1]) + 1), []).append(i)
+    out = torch.zeros_like(mask)
+    for (lo, hi), rows in rows_of_run.items():
+        hit = sums[..., hi:hi + width] > sums[..., lo:lo + width]  # (..., H + n - 1, W): a one in columns lo..hi - 1
+        for i in rows:
+            out |= hit[..., i:i + height, :]
+    return out
 
 
 def boundary_tolerance(bound_th, height, width):
-    """F's tolerance in pixels: bound_th pixels when bound_th >= 1, else ceil(bound_th * image diagonal)."""
-    return int(bound_th if bound_th >= 1 else math.ceil(bound_th * math.hypot(height, width)))
+    """F's tolerance in pixels, the DAVIS code's bound_pix: bound_th when bound_th >= 1 (kept as it is: 2.5 stays
+    2.5), else ceil(bound_th * image diagonal), the diagonal computed as numpy's norm does."""
+    return bound_th if bound_th >= 1 else math.ceil(bound_th * math.sqrt(height * height + width * width))
 
 
 def db_eval_boundary(gt, pred, bound_th=0.008):

@@ -10,13 +10,17 @@ image densely (their Sec. 3). This file holds the parts the applications share:
   cosegment(), part_cosegment()   their Sec. 4.1 and 4.2: clusters voted salient, then parts of the foreground
   best_buddies(), correspondences()   their Sec. 4.3: mutual nearest neighbours, N diverse pairs
   patch_centers(), patches_to_pixels()   where the patches of a grid lie in the image
-The scripts cosegment.py and correspond.py hold the command lines: they read images, run these and draw.
+  add_args(), resolve_args()   the descriptor flags (--layer, --facet, --stride, --bin) of the dense scripts
+The scripts cosegment.py, correspond.py, pca.py and similarity.py hold the command lines: they read images, run
+these and draw.
 
 Shape letters: B images, N patches (h x w grid), D descriptor width, H heads, M descriptors, K clusters,
 p patch size, s stride.
 """
 import torch
 import torch.nn.functional as F
+
+import cli
 
 FACETS = ("key", "query", "value", "token")
 # NOTE: the reference averages heads 0, 2, 4, 5 of the official ViT-S/8 for its saliency maps, and has no
@@ -85,6 +89,31 @@ def settings_error(model, layer, stride):
     return None
 
 
+def add_args(parser, layer_default, bin_default=False):
+    """The descriptor flags of the dense scripts in a group of their own: --layer (its default said by
+    layer_default, set by resolve_args), --facet, --stride, --bin."""
+    g = parser.add_argument_group("descriptors (Amir et al. Sec. 3)")
+    g.add_argument("--layer", type=cli.nonneg_int, default=None, help="block (from 0) whose facet is the "
+                   f"descriptor; default: {layer_default}")
+    g.add_argument("--facet", default="key", choices=FACETS, help="key, query, value of the attention (heads "
+                   "concatenated) or token (the block's output)")
+    g.add_argument("--stride", type=cli.positive_int, default=None, help="patches taken every STRIDE pixels, a "
+                   "divisor of the patch size; smaller: overlapping patches, a finer grid (reference: 4 for patch "
+                   "8); default: the patch size")
+    g.add_argument("--bin", type=cli.bool_flag, default=bin_default, help="log-binning: each descriptor with the "
+                   "averages of its 9 x 9 neighbourhood, 17 bins (Sec. 3.1)")
+    return g
+
+
+def resolve_args(model, args, layer):
+    """Fill in args.layer (default `layer`) and args.stride (default the patch size) and check them for this
+    model: a wrong one is a one-line error that names its flag."""
+    args.layer = layer if args.layer is None else args.layer
+    args.stride = args.stride or model.patch_size
+    if problem := settings_error(model, args.layer, args.stride):
+        raise cli.ConfigError(f"--{problem}")  # "--stride 3 does not divide ..."
+
+
 @torch.no_grad()
 def descriptors(model, images, layer=11, facet="key", stride=None, bin=False, saliency=False, include_cls=False):
     """Descriptors of normalized images (B, 3, H, W): (descriptors (B, N, D'), saliency (B, N) or None, (h, w)).
@@ -92,8 +121,9 @@ def descriptors(model, images, layer=11, facet="key", stride=None, bin=False, sa
     layer: block index from 0; facet: key, query, value (heads concatenated) or token (the block's output);
     stride: divides the patch size (default: the patch size), patches taken every `stride` pixels
     (model.prepare_tokens: the patch convolution run with that stride, position embeddings interpolated for
-    the grid_size() grid, as the reference); bin: log_bin(); saliency: the last block's CLS attention,
-    averaged over saliency_heads(), min-max normalized per image to [0, 1] (reference `extract_saliency_maps`).
+    the grid_size() grid, as the reference but for the NOTE below); bin: log_bin(); saliency: the last block's
+    CLS attention, averaged over saliency_heads(), min-max normalized per image to [0, 1] (reference
+    `extract_saliency_maps`).
     include_cls keeps the CLS descriptor first (B, 1+N, D), without binning.
     """
     if facet not in FACETS:
@@ -105,8 +135,12 @@ def descriptors(model, images, layer=11, facet="key", stride=None, bin=False, sa
         raise ValueError(f"images of {tuple(images.shape[-2:])} px are smaller than one {p} px patch")
     grid = grid_size(*images.shape[-2:], p, s)
     # Only the pixels whole patches cover: the convolution reads no others, and at stride p vit.prepare_tokens
-    # asks for sides that are multiples of p. NOTE: the reference re-interpolates the position embeddings when
-    # the grid is the trained one but H != W; vit.py keeps the trained ones whenever the grid is trained-sized.
+    # asks for sides that are multiples of p.
+    # NOTE: position embeddings. vit.py keeps the trained t x t ones (t = 28 for the official ViT-S/8, 14 for /16)
+    # whenever the grid is t x t, the reference only when also H == W. They differ only for a non-square image
+    # whose grid is t x t: both sides in [p + (t - 1) s, p + t s - 1] (224..231 px at stride 8,
+    # 116..119 px at stride 4 for ViT-S/8), where the reference re-interpolates them by the factor (t + 0.1) / t.
+    # Never for a square image, nor for a grid that is not t x t (at the reference's 224 px and stride 4: 55 x w).
     x = model.prepare_tokens(images[..., :(grid[0] - 1) * s + p, :(grid[1] - 1) * s + p], s)  # (B, 1+N, D)
     last = len(model.blocks) - 1 if saliency else layer
     desc = sal = None

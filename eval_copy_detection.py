@@ -1,14 +1,15 @@
 """Copy detection with frozen DINO features (paper Sec. 4.2.1, Table 5: Copydays "strong").
 
 Each image is described by the CLS token of the last block concatenated with the GeM (p = 4) pooling of its patch
-tokens, (2D); the descriptors are optionally PCA-whitened with an operator learned on other images, L2-normalized,
-and each query ranks the database by cosine similarity. A query's positives are the database images it copies; its
-AP is computed over the top --topk results (the Holidays/Copydays trapezoid AP), and the mean over queries is mAP.
+tokens, (2D); the descriptors are optionally PCA-whitened with an operator learned on other images (--whitening:
+the official operator by default, see retrieval.Whitening), L2-normalized, and each query ranks the database by
+cosine similarity. A query's positives are the database images it copies; its AP is computed over the top --topk
+results (the Holidays/Copydays trapezoid AP), and the mean over queries is mAP.
 
 Two sets:
 - Copydays (`--data_path` a folder with original/ and strong/, and jpegqual/<q>/, crops/<c>/ when present): every
   block present queries the database = original/ + the images of --distractors_path; whitening is learned on the
-  images of --whitening_path. Images are resized to --imsize x --imsize (official: 320, bicubic).
+  images of --whitening_path. Images are resized to --imsize x --imsize (official: 320, PIL bicubic).
 - otherwise (a dataset name, default fashion_mnist, or an ImageFolder with val/): a set generated from the test
   split. --num_queries test images are edited strongly (crops, rotations, blur, JPEG, brightness/contrast/inversion,
   overlays of another image or of text-like strokes, three of these per copy); the database is the whole test split,
@@ -32,8 +33,8 @@ import backbone
 import data
 import draw
 from cli import ArgumentParser, ConfigError, existing_dir, nonneg_int, positive_int, run_cli
-from retrieval import (Whitening, add_evaluation_args, average_precision, cls_gem_descriptor, compared_backbones,
-                       global_descriptors, pixel_descriptor, rank_database, report)
+from retrieval import (WHITENINGS, Whitening, add_evaluation_args, average_precision, cls_gem_descriptor,
+                       compared_backbones, global_descriptors, pixel_descriptor, rank_database, report)
 
 COPYDAYS_BLOCKS = (["original", "strong"] + [f"jpegqual/{q}" for q in (3, 5, 8, 10, 15, 20, 30, 50, 75)]
                    + [f"crops/{c}" for c in (10, 15, 20, 30, 40, 50, 60, 70, 80)])
@@ -126,6 +127,9 @@ class EditedCopies(torch.utils.data.Dataset):
 
 # --- Copydays and folders of images -------------------------------------------------------------------------------
 def image_files(folder):
+    """The image files of a folder, sorted by name.
+
+    NOTE: any image extension in any case; the official Copydays blocks take only "*.jpg" (all Copydays files are)."""
     files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
     if not files:
         raise ConfigError(f"no images in {folder}")
@@ -133,7 +137,8 @@ def image_files(folder):
 
 
 class ImageList(torch.utils.data.Dataset):
-    """Items (uint8 (3, imsize, imsize), i): image file i resized to a square, bicubic, as the official script."""
+    """Items (uint8 (3, imsize, imsize), i): image file i resized to a square with PIL's bicubic filter, as the
+    official script (torchvision's Resize((imsize, imsize), interpolation=3) on a PIL image)."""
 
     def __init__(self, files, imsize):
         self.files, self.imsize = files, imsize
@@ -142,8 +147,9 @@ class ImageList(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i):
-        image = data.read_image(self.files[i])  # (3, H, W)
-        return TF.resize(image, [self.imsize, self.imsize], TF.InterpolationMode.BICUBIC, antialias=True), i
+        image = TF.to_pil_image(data.read_image(self.files[i]))  # decoded as (3, H, W), then PIL
+        image = image.resize((self.imsize, self.imsize), PIL.Image.Resampling.BICUBIC)
+        return TF.pil_to_tensor(image), i
 
 
 def copydays_sets(args):
@@ -204,7 +210,8 @@ def evaluate(describe, blocks, database, whitening, device, args):
     describe_all = lambda ds, desc: global_descriptors(describe, ds, device, args.batch_size, args.num_workers,
                                                        desc=desc)[0]
     db = describe_all(database, "database features")
-    white = Whitening(describe_all(whitening, "whitening features")) if whitening is not None else None
+    white = (Whitening(describe_all(whitening, "whitening features"), args.whitening) if whitening is not None
+             else None)
     results, rankings = {}, {}
     for name, queries, positives in blocks:
         q = describe_all(queries, f"{name} features")
@@ -257,6 +264,10 @@ def get_args(argv=None):
     p.add_argument("--num_queries", type=positive_int, default=500, help="generated set: edited test images")
     p.add_argument("--num_whitening", type=nonneg_int, default=20000,
                    help="generated set: training images to learn the whitening on (0: no whitening)")
+    p.add_argument("--whitening", default="official", choices=WHITENINGS, help="the matrix whose eigenvectors "
+                   "whiten: 'official' the second moment of the uncentered whitening features, as the official code "
+                   "(queries and database are centered with their mean); 'centered' their covariance "
+                   "(default: official)")
     p.add_argument("--seed", type=int, default=0, help="generated set: which images, which edits")
     p.add_argument("--imsize", type=positive_int, default=None, help="square image side (default: 320 for "
                    "Copydays as the official script; for a generated set a multiple of the patch size, by default the "
@@ -287,7 +298,7 @@ def main(argv=None):
     for name, describe in sources:
         results[name], rankings[name] = evaluate(describe, blocks, database, whitening, args.device, args)
     report(f"copy detection, {args.data_path}, {args.imsize} px, {len(database)} database images, AP over the top "
-           f"{args.topk}:", results, args)
+           f"{args.topk}" + (f", {args.whitening} whitening:" if whitening is not None else ":"), results, args)
     if args.save_examples:  # a block of copies, not the originals querying themselves (Copydays' first block)
         block = next((b for b in blocks if b[0] != "original"), blocks[0])
         features = sources[0][0] + (" features, whitened" if whitening is not None else " features")

@@ -3,9 +3,9 @@
 Two protocols:
 - `--dataset roxford5k` or `rparis6k`: revisited Oxford / Paris (Radenovic et al. 2018), laid out as the revisitop
   repository makes it: --data_path/<dataset>/gnd_<dataset>.pkl and --data_path/<dataset>/jpg/*.jpg. Every image is
-  shrunk to at most --imsize pixels on its long side (kept whole, batch 1); mAP and mean precision at 1, 5, 10
-  for the Medium protocol (easy and hard images are positives, junk ignored) and the Hard one (hard images are
-  positives, easy and junk ignored).
+  shrunk to at most --imsize pixels on its long side with PIL's Lanczos `thumbnail` (kept whole, batch 1); mAP
+  and mean precision at 1, 5, 10 for the Medium protocol (easy and hard images are positives, junk ignored) and
+  the Hard one (hard images are positives, easy and junk ignored).
 - otherwise, class retrieval on --data_path (a dataset name or an ImageFolder with train/ and val/): each test
   image queries the training set, and its positives are the images of its class.
 
@@ -25,6 +25,7 @@ import pickle
 
 import numpy as np
 import torch
+import PIL.Image
 from torchvision.transforms.v2 import functional as TF
 
 import backbone
@@ -65,9 +66,18 @@ def load_ground_truth(path):
     return cfg
 
 
+def thumbnail(image, imsize):
+    """uint8 (3, H, W) shrunk to fit in imsize x imsize with PIL's `Image.thumbnail` and its Lanczos filter, as the
+    official script: the aspect ratio is kept, the short side rounded as PIL rounds it (to the size whose aspect
+    ratio is nearest the image's: 1024 x 681 -> 512 x 341), and an image already small enough is left as it is."""
+    pil = TF.to_pil_image(image)
+    pil.thumbnail((imsize, imsize), PIL.Image.Resampling.LANCZOS)
+    return TF.pil_to_tensor(pil)
+
+
 class OxfordParisDataset(torch.utils.data.Dataset):
-    """Items (uint8 (3, H, W) image shrunk to at most `imsize` on its long side, index) of the database
-    (split "db") or of the queries (split "query"), whole images as the official code.
+    """Items (uint8 (3, H, W) image shrunk by `thumbnail` to at most `imsize` on its long side, index) of the
+    database (split "db") or of the queries (split "query"), whole images as the official code.
 
     NOTE: the revisited protocol crops each query to its bounding box; the official DINO code (and so this one)
     uses the whole query image."""
@@ -81,12 +91,9 @@ class OxfordParisDataset(torch.utils.data.Dataset):
         return len(self.names)
 
     def __getitem__(self, i):
+        # NOTE: a truncated file is an error here; the official sets PIL's LOAD_TRUNCATED_IMAGES and uses what decodes
         image = data.read_image(os.path.join(self.folder, self.names[i] + ".jpg"))  # (3, H, W)
-        scale = self.imsize / max(image.shape[-2:])
-        if scale < 1:  # as PIL's thumbnail: only shrink, keep the aspect ratio
-            size = [max(1, round(image.shape[-2] * scale)), max(1, round(image.shape[-1] * scale))]
-            image = TF.resize(image, size, antialias=True)
-        return image, i
+        return thumbnail(image, self.imsize), i
 
 
 def revisited_protocols(gnd):

@@ -3,7 +3,7 @@
 Shared by eval_image_retrieval.py (revisited Oxford/Paris, class retrieval) and eval_copy_detection.py (Copydays):
 - descriptors of uint8 images: the CLS token, optionally averaged over scales 1, 1/sqrt(2), 1/2 (retrieval);
   the CLS token concatenated with GeM (p = 4) of the last block's patch tokens (copy detection); raw pixels;
-- PCA whitening learned on a separate set of images;
+- PCA whitening learned on a separate set of images (the official operator, or from the centered covariance);
 - average precision as the revisited Oxford/Paris evaluation computes it (trapezoids over the precision-recall
   curve, junk images removed from the ranking), mean precision at k, and class-retrieval mAP in chunks.
 
@@ -85,22 +85,31 @@ def global_descriptors(describe, dataset, device, batch_size=256, num_workers=0,
 
 
 # --- whitening --------------------------------------------------------------------------------------------------
-class Whitening:
-    """PCA whitening learned on features (M, D) of a separate set: x -> (x - mean) V diag(eigval^-1/2), so the
-    learning set's covariance becomes the identity; eigenvalues below eps * the largest are raised to it.
+WHITENINGS = ("official", "centered")  # the D x D matrix whose eigenvectors whiten, see Whitening
 
-    NOTE: the official code subtracts the learning set's mean from the queries and the database but computes the
-    covariance of the uncentered learning features; here the covariance is centered, as whitening means.
+
+class Whitening:
+    """PCA whitening learned on features X (M, D) of a separate set: x -> (x - mean) V diag(eigval^-1/2), mean the
+    learning set's mean and (eigval, V) the eigenpairs of a D x D matrix of the learning set, columns by decreasing
+    eigenvalue, all D kept; eigenvalues below eps * the largest are raised to it (as the official `PCA`).
+
+    mode "official", as the official eval_copy_detection.py: the matrix is the second moment of the *uncentered*
+    features, X^T X / M (the mean is subtracted from the queries and the database only); mode "centered": the
+    covariance (X - mean)^T (X - mean) / M, which makes the learning set's covariance the identity.
     """
 
-    def __init__(self, feats, eps=1e-5):
+    def __init__(self, feats, mode="official", eps=1e-5):
+        if mode not in WHITENINGS:
+            raise ValueError(f"whitening {mode!r} is not one of {WHITENINGS}")
         x = feats.double()
         self.mean = x.mean(dim=0)
-        x = x - self.mean
-        cov = x.T @ x / len(x)  # (D, D)
-        eigval, eigvec = torch.linalg.eigh(cov)  # ascending
+        if mode == "centered":
+            x = x - self.mean
+        # NOTE: float64 here; the official builds the matrix and its eigenvectors in float32
+        moment = x.T @ x / len(x)  # (D, D)
+        eigval, eigvec = torch.linalg.eigh(moment)  # ascending
         eigval = eigval.clamp(min=max(eigval.max().item() * eps, 1e-12))
-        self.projection = (eigvec / eigval.sqrt()).flip(1)  # (D, D): columns by decreasing variance
+        self.projection = (eigvec / eigval.sqrt()).flip(1)  # (D, D): columns by decreasing eigenvalue
 
     def __call__(self, x):
         return ((x.double() - self.mean.to(x.device)) @ self.projection.to(x.device)).float()
@@ -126,8 +135,9 @@ def average_precision(hits, num_positives):
 
 def precision_at(hits, kappas):
     """(Q, len(kappas)) mean-precision-at-k of the revisited evaluation: k is capped at the rank of the last positive
-    found, kq = min(k, rank of last positive, 1-based), precision = positives in the top kq / kq."""
-    found = hits.long().cumsum(dim=1)  # (Q, N)
+    found, kq = min(k, rank of last positive, 1-based), precision = positives in the top kq / kq, divided in float64
+    as the official numpy code does."""
+    found = hits.double().cumsum(dim=1)  # (Q, N)
     last = hits.shape[1] - hits.flip(1).long().argmax(dim=1)  # (Q,): 1-based rank of the last positive
     out = torch.zeros(len(hits), len(kappas), dtype=torch.float64)
     for j, k in enumerate(kappas):
@@ -147,6 +157,8 @@ def compute_map(ranks, gnd, kappas=(1, 5, 10)):
         if len(ok) == 0:
             continue
         is_ok = np.isin(ranks[:, q], ok)
+        # NOTE: an image both positive and junk stays in the ranking as a positive; the official also moves the later
+        # positives up past it, which can rank two positives equal (AP > 1). The revisited protocols never overlap.
         hits = torch.from_numpy(is_ok[~np.isin(ranks[:, q], junk) | is_ok])[None]  # (1, N - junk)
         aps[q] = average_precision(hits, [len(ok)]).item()
         prs[q] = precision_at(hits, kappas)[0].numpy()

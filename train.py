@@ -5,7 +5,9 @@
     srun python train.py --data_path /data/imagenet    # under SLURM, one task per GPU
 
 Read top to bottom: args, distributed and precision, student and teacher, optimizer and schedules, the step,
-the epoch, main (data, resume, training loop). Datasets live in data.py, checkpoints in checkpoint.py.
+the epoch, resume and save, main (data, resume, training loop). Datasets live in data.py, backbones in
+backbone.py, checkpoints in checkpoint.py, and the loop's bookkeeping (running sums, bad images, saves, signals,
+log rows) in run_control.py.
 Shape letters: B images per process, V crops, K out_dim.
 """
 import argparse

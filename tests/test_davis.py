@@ -93,9 +93,68 @@ def test_scores_average_over_frames_per_object_then_over_objects():
 
 
 def test_the_tolerance_is_8_pixels_on_a_480p_frame_and_bound_th_pixels_from_1_up():
-    """DAVIS: bound_pix = bound_th if bound_th >= 1 else ceil(bound_th * ||(H, W)||); 0.008 x 979.9 -> 8."""
+    """DAVIS: bound_pix = bound_th if bound_th >= 1 else ceil(bound_th * ||(H, W)||); 0.008 x 979.9 -> 8. A pixel
+    count that is not whole stays as it is (the DAVIS code builds its disk from 2.5, not from 2)."""
     assert davis.boundary_tolerance(0.008, 480, 854) == 8
     assert davis.boundary_tolerance(3, 480, 854) == 3
+    assert davis.boundary_tolerance(2.5, 480, 854) == 2.5
+
+
+def test_the_davis_disks_of_radius_2_and_2_5_are_5_by_5_and_6_by_6():
+    """scikit-image's disk(r): the points of arange(-r, r + 1) squared within r of the origin. For r = 2.5 the
+    grid is -2.5, -1.5, ..., 2.5 (6 points) and only the four points +-0.5, +-1.5 of each axis qualify (1.5^2 +
+    1.5^2 = 4.5 <= 6.25 but 2.5^2 + 0.5^2 = 6.5 > 6.25): the central 4 x 4 of a 6 x 6 grid."""
+    disk_2 = [[0, 0, 1, 0, 0],
+              [0, 1, 1, 1, 0],
+              [1, 1, 1, 1, 1],
+              [0, 1, 1, 1, 0],
+              [0, 0, 1, 0, 0]]
+    disk_2_5 = [[0, 0, 0, 0, 0, 0],
+                [0, 1, 1, 1, 1, 0],
+                [0, 1, 1, 1, 1, 0],
+                [0, 1, 1, 1, 1, 0],
+                [0, 1, 1, 1, 1, 0],
+                [0, 0, 0, 0, 0, 0]]
+    assert np.array_equal(davis.davis_disk(2), np.array(disk_2, bool))
+    assert np.array_equal(davis.davis_disk(2.5), np.array(disk_2_5, bool))
+    assert davis.davis_disk(8).shape == (17, 17) and davis.davis_disk(8.0).sum() == davis.davis_disk(8).sum() == 197
+
+
+def test_dilation_by_the_2_5_disk_sets_the_4_by_4_square_one_pixel_before_to_two_after_a_pixel():
+    """OpenCV's dilate (the DAVIS code's) anchors a 6 x 6 element at its entry (3, 3): output (y, x) takes the
+    input at (y + i - 3, x + j - 3) for the ones (i, j) in rows and columns 1..4, offsets -2..1; so the input
+    pixel (5, 7) sets rows 4..7 and columns 6..9."""
+    mask = torch.zeros(12, 14, dtype=torch.bool)
+    mask[5, 7] = True
+    expected = torch.zeros_like(mask)
+    expected[4:8, 6:10] = True
+    assert torch.equal(davis.dilate_disk(mask, 2.5), expected)
+
+
+@pytest.mark.parametrize("radius", [0, 1, 2, 2.5, 3.7, 8])
+def test_dilation_is_the_or_of_the_mask_moved_by_each_offset_of_the_disk(radius):
+    """The definition of OpenCV's dilate with the anchor at (n // 2, n // 2), computed directly: for each one (i, j)
+    of the n x n element, the mask read at (y + i - n // 2, x + j - n // 2) (outside the image: unset), OR-ed."""
+    gen = torch.Generator().manual_seed(1)
+    mask = torch.rand(2, 23, 31, generator=gen) > 0.97
+    disk = davis.davis_disk(radius)
+    a = disk.shape[0] // 2
+    padded = torch.nn.functional.pad(mask.to(torch.uint8), (a, a, a, a)).bool()  # (2, 23 + 2a, 31 + 2a)
+    expected = torch.zeros_like(mask)
+    for i, j in zip(*np.nonzero(disk)):
+        expected |= padded[:, i:i + 23, j:j + 31]
+    assert torch.equal(davis.dilate_disk(mask, radius), expected)
+
+
+def test_a_boundary_2_pixels_away_is_matched_one_way_only_with_a_2_5_pixel_tolerance():
+    """With bound_th = 2.5 the DAVIS dilation reaches 1 pixel left and 2 right: a predicted boundary 2 columns right
+    of the true one is within the dilated true boundary (precision 1) but the true one is not within the dilated
+    predicted one (recall 0), so F = 0; a 2 pixel tolerance (the disk of 2) matches both ways, F = 1."""
+    gt, pred = torch.zeros(30, 40, dtype=torch.bool), torch.zeros(30, 40, dtype=torch.bool)
+    gt[:, :20], pred[:, :22] = True, True  # boundaries: columns 19 and 21
+    assert davis.db_eval_boundary(gt, pred, bound_th=2.5).item() == 0.0
+    assert davis.db_eval_boundary(gt, pred, bound_th=2).item() == pytest.approx(1.0)
+    assert davis.db_eval_boundary(gt, pred, bound_th=3.5).item() == pytest.approx(1.0)  # 2 left, 3 right
 
 
 def test_the_global_scores_average_over_all_objects_not_over_videos():

@@ -6,7 +6,8 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from torchvision.transforms.v2.functional import to_pil_image
+import PIL.Image
+from torchvision.transforms.v2.functional import pil_to_tensor, to_pil_image
 
 import eval_copy_detection
 import eval_image_retrieval
@@ -40,13 +41,16 @@ def test_junk_images_are_taken_out_of_the_ranking():
     mean_ap, aps, mpr, prs = compute_map(ranks, gnd, kappas=[1, 5])
     assert aps[0] == pytest.approx(1.0) and aps[1] == pytest.approx(47 / 240) and np.isnan(aps[2])
     assert mean_ap == pytest.approx((1 + 47 / 240) / 2)
-    assert prs[0] == pytest.approx([1.0, 1.0]) and prs[1] == pytest.approx([0.0, 0.2])
+    assert prs[0].tolist() == [1.0, 1.0] and prs[1].tolist() == [0.0, 1 / 5]  # float64: exactly 1/5
     assert mpr == pytest.approx([0.5, 0.6])
 
 
 def test_precision_at_k_counts_positives_in_the_top_k():
+    """Divided in float64, as the official numpy code: 2/3 exactly, not float32's 0.6666666865."""
     hits = torch.tensor([[True, False, True, True, False, False, False, False, False, True]])
-    assert precision_at(hits, [1, 2, 5, 10])[0].tolist() == pytest.approx([1.0, 0.5, 0.6, 0.4])
+    precisions = precision_at(hits, [1, 2, 3, 5, 10])
+    assert precisions.dtype == torch.float64
+    assert precisions[0].tolist() == [1.0, 0.5, 2 / 3, 0.6, 0.4]
 
 
 def test_class_retrieval_map():
@@ -67,13 +71,34 @@ def test_gem_is_average_pooling_at_p_1_and_max_pooling_for_large_p():
     assert not torch.allclose(gem(x, p=4), x.amax(dim=1), rtol=0.02)
 
 
-def test_whitening_makes_the_learning_set_covariance_the_identity():
+def test_centered_whitening_makes_the_learning_set_covariance_the_identity():
     g = torch.Generator().manual_seed(0)
     feats = torch.randn(500, 6, generator=g) @ torch.randn(6, 6, generator=g) + 3  # correlated, off-center
-    white = Whitening(feats)(feats).double()
+    white = Whitening(feats, "centered")(feats).double()
     cov = (white - white.mean(0)).T @ (white - white.mean(0)) / len(white)
     assert torch.allclose(white.mean(0), torch.zeros(6, dtype=torch.float64), atol=1e-5)
     assert torch.allclose(cov, torch.eye(6, dtype=torch.float64), atol=1e-4)
+
+
+def test_official_whitening_is_from_the_second_moment_of_the_uncentered_features():
+    """The official operator: x -> (x - mean) V diag(eigval^-1/2), (eigval, V) the eigenpairs of M = X^T X / n of the
+    whitening features X, uncentered, columns by decreasing eigenvalue (up to the sign of each eigenvector). So the
+    whitened dot products are (y - mean)^T M^-1 (z - mean); the centered operator gives (y - mean)^T C^-1 (z - mean),
+    C the covariance of X, which is not the same."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(200, 5, generator=g) @ torch.randn(5, 5, generator=g) + 2).double()  # (n, D), off-center
+    y = torch.randn(7, 5, generator=g).double() + 1  # (7, D): queries or database
+    mean, second_moment = x.mean(0), x.T @ x / len(x)  # (D,), (D, D)
+    eigval, eigvec = np.linalg.eigh(second_moment.numpy())
+    direct = torch.from_numpy((y - mean).numpy() @ eigvec[:, ::-1] / np.sqrt(eigval[::-1]))  # (7, D)
+    official, centered = (Whitening(x.float(), mode)(y.float()).double() for mode in ("official", "centered"))
+    signs = (official * direct).sum(0).sign()  # (D,): an eigenvector is only defined up to its sign
+    assert torch.allclose(official, direct * signs, rtol=1e-4, atol=1e-4)
+    covariance = second_moment - torch.outer(mean, mean)  # (x - mean)^T (x - mean) / n
+    gram = lambda matrix: (y - mean) @ torch.linalg.solve(matrix, (y - mean).T)  # (7, 7)
+    assert torch.allclose(official @ official.T, gram(second_moment), rtol=1e-4, atol=1e-4)
+    assert torch.allclose(centered @ centered.T, gram(covariance), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(gram(second_moment), gram(covariance), rtol=0.1)
 
 
 # --- the scripts end to end on a few tiny images ------------------------------------------------------------------
@@ -132,6 +157,33 @@ def test_revisited_oxford_script(tiny_checkpoint, tmp_path):
     assert 0 < row["mAP_medium"] <= 1
 
 
+def test_revisited_images_are_pils_lanczos_thumbnails(tmp_path):
+    """As the official `img.thumbnail((imsize, imsize), Image.ANTIALIAS)` (ANTIALIAS is LANCZOS): the short side is
+    rounded by PIL's rule, to the size whose aspect ratio is nearest the image's (1024 x 681 -> 512 x 341, where
+    rounding 340.5 half to even gives 340; a 683 x 1024 portrait -> 341 x 512, where the two widths tie and PIL keeps
+    the smaller), an image that already fits is left as it is, and the pixels are PIL's Lanczos resampling."""
+    g = torch.Generator().manual_seed(0)
+    landscape = torch.randint(0, 256, (3, 681, 1024), generator=g, dtype=torch.uint8)
+    assert eval_image_retrieval.thumbnail(landscape, 512).shape == (3, 341, 512)
+    assert eval_image_retrieval.thumbnail(torch.zeros(3, 1024, 683, dtype=torch.uint8), 512).shape == (3, 512, 341)
+    assert torch.equal(eval_image_retrieval.thumbnail(landscape, 1024), landscape)
+    lanczos = to_pil_image(landscape).resize((512, 341), PIL.Image.Resampling.LANCZOS)  # halving: no reducing step
+    assert torch.equal(eval_image_retrieval.thumbnail(landscape, 512), pil_to_tensor(lanczos))
+    write_revisited(tmp_path)
+    item = eval_image_retrieval.OxfordParisDataset(tmp_path, "roxford5k", "db", 24)[1][0]  # b.jpg, 20 x 28
+    expected = PIL.Image.open(tmp_path / "roxford5k" / "jpg" / "b.jpg").convert("RGB")
+    expected.thumbnail((24, 24), PIL.Image.Resampling.LANCZOS)
+    assert item.shape == (3, 17, 24) and torch.equal(item, pil_to_tensor(expected))
+
+
+def test_copydays_images_are_pils_bicubic_squares(tmp_path):
+    """As the official `Resize((imsize, imsize), interpolation=3)` on a PIL image: PIL's bicubic resampling."""
+    write_images(tmp_path, ["a.png"], random_images(1, size=(24, 30)))
+    expected = PIL.Image.open(tmp_path / "a.png").convert("RGB").resize((16, 16), PIL.Image.Resampling.BICUBIC)
+    image = eval_copy_detection.ImageList([str(tmp_path / "a.png")], 16)[0][0]
+    assert torch.equal(image, pil_to_tensor(expected))
+
+
 def test_ground_truth_pickles_may_not_run_code(tiny_checkpoint, tmp_path):
     """The .pkl files are read with Python's pickle, admitting only plain values and numpy arrays."""
     (tmp_path / "roxford5k").mkdir()
@@ -164,7 +216,7 @@ def test_copydays_layout_originals_find_themselves(tiny_checkpoint, tmp_path):
     write_images(tmp_path / "distractors", ["x.png", "y.png"], random_images(2, seed=5))
     results = eval_copy_detection.main(["--pretrained_weights", tiny_checkpoint, "--data_path", str(tmp_path),
                                         "--distractors_path", str(tmp_path / "distractors"), "--imsize", "16",
-                                        "--whitening_path", str(tmp_path / "distractors")])
+                                        "--whitening_path", str(tmp_path / "distractors"), "--whitening", "centered"])
     row = results[f"DINO ({tiny_checkpoint})"]
     assert row["original mAP"] == pytest.approx(1.0) and row["original top-1"] == 1.0
     assert set(row) == {f"{b} {m}" for b in ("original", "strong") for m in
