@@ -23,6 +23,7 @@ import torchvision
 
 import checkpoint
 import cli
+import dense
 import vit
 from cli import ConfigError
 
@@ -147,3 +148,30 @@ def eval_size(requested, saved, dataset_size, patch_size, flag="--image_size"):
                  if saved.get("global_crop_size") else f"the evaluation size {size} (the dataset's image size)")
         raise ConfigError(f"{origin} is not a multiple of the patch size {patch_size}: give {flag} a multiple")
     return size
+
+
+# --- dense descriptors of the backbone: which block, facet and stride (cosegment, correspond, pca, similarity) ----
+def add_descriptor_args(parser, layer_default, bin_default=False):
+    """The flags that choose the backbone's dense descriptors (Amir et al. Sec. 3), in a group of their own:
+    --layer (its default, said by layer_default, is set by resolve_descriptor_args), --facet, --stride, --bin."""
+    g = parser.add_argument_group("descriptors (Amir et al. Sec. 3)")
+    g.add_argument("--layer", type=cli.nonneg_int, default=None, help="block (from 0) whose facet is the "
+                   f"descriptor; default: {layer_default}")
+    g.add_argument("--facet", default="key", choices=dense.FACETS, help="key, query, value of the attention (heads "
+                   "concatenated) or token (the block's output)")
+    g.add_argument("--stride", type=cli.positive_int, default=None, help="patches taken every STRIDE pixels, a "
+                   "divisor of the patch size; smaller: overlapping patches, a finer grid (reference: 4 for patch "
+                   "8); default: the patch size")
+    g.add_argument("--bin", type=cli.bool_flag, default=bin_default, help="log-binning: each descriptor with the "
+                   "averages of its 9 x 9 neighbourhood, 17 bins (Sec. 3.1)")
+    return g
+
+
+def resolve_descriptor_args(model, args, layer):
+    """Fill in args.layer (default `layer`) and args.stride (default the patch size) and check them for this
+    model: a wrong one is a one-line error that names its flag."""
+    args.layer = layer if args.layer is None else args.layer
+    args.stride = args.stride or model.patch_size
+    if problem := dense.settings_error(model, args.layer, args.stride):
+        raise ConfigError(f"--{problem}")  # "--stride 3 does not divide ..."
+

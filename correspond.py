@@ -28,7 +28,7 @@ import backbone
 import data
 import dense
 import draw
-from cli import ArgumentParser, ConfigError, bool_flag, nonneg_int, positive_int, run_cli, unit_float
+from cli import ArgumentParser, ConfigError, positive_int, run_cli, unit_float
 
 # one colour a pair, bright: they are drawn on dark images
 PAIR_COLORS = ["red", "yellow", "lime", "magenta", "cyan", "orange", "deepskyblue", "white", "pink", "gold",
@@ -125,15 +125,8 @@ def measure(model, args):
 def get_args_parser():
     p = ArgumentParser(description="Point correspondences with dense DINO descriptors (Amir et al. 2021, Sec. 4.3)")
     backbone.add_args(p)
-    g = p.add_argument_group("descriptors (Amir et al. Sec. 3; reference defaults for correspondences)")
-    g.add_argument("--layer", type=nonneg_int, default=None, help="block (from 0) whose facet is the descriptor; "
-                   "default: 3 blocks before the last (reference: 9 of ViT-S)")
-    g.add_argument("--facet", default="key", choices=dense.FACETS, help="facet of the block: key, query, value "
-                   "(heads concatenated) or token")
-    g.add_argument("--stride", type=positive_int, default=None, help="a divisor of the patch size; smaller: "
-                   "overlapping patches, finer matches (reference: 4 for patch 8); default: the patch size")
-    g.add_argument("--bin", type=bool_flag, default=True, help="log-binning: each descriptor with the averages "
-                   "of its 9 x 9 neighbourhood in 17 bins (Sec. 3.1), which the reference uses for matching")
+    backbone.add_descriptor_args(p, layer_default="3 blocks before the last (reference: 9 of ViT-S)",
+                                 bin_default=True)  # the reference matches log-binned descriptors
     data.add_image_args(p)
     g = p.add_argument_group("correspondences (reference defaults)")
     g.add_argument("--num_pairs", type=positive_int, default=10, help="pairs to show")
@@ -147,10 +140,7 @@ def get_args_parser():
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     model, _ = backbone.from_args(args, needs_vit="correspond.py")
-    args.layer = max(len(model.blocks) - 3, 0) if args.layer is None else args.layer  # the reference's 9 of 12
-    args.stride = args.stride or model.patch_size
-    if problem := dense.settings_error(model, args.layer, args.stride):
-        raise ConfigError(f"--{problem}")  # "--stride 3 does not divide ..."
+    backbone.resolve_descriptor_args(model, args, layer=max(len(model.blocks) - 3, 0))  # the reference's 9 of 12
     if args.measure:
         return measure(model, args)
     images, names = data.images_from_args(args, 2)

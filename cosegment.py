@@ -33,7 +33,7 @@ import backbone
 import data
 import dense
 import draw
-from cli import ArgumentParser, ConfigError, bool_flag, nonneg_int, positive_float, positive_int, run_cli, unit_float
+from cli import ArgumentParser, nonneg_int, positive_float, positive_int, run_cli, unit_float
 
 # the parts' colours, bright on dark images; red is the mask's
 PART_COLORS = ["yellow", "lime", "magenta", "cyan", "orange", "deepskyblue", "white", "pink", "gold", "springgreen",
@@ -141,14 +141,7 @@ def get_args_parser():
                                    "--load_size (default 224), where the reference's command line keeps their "
                                    "original size unless given --load_size.")
     backbone.add_args(p)
-    g = p.add_argument_group("descriptors (Amir et al. Sec. 3)")
-    g.add_argument("--layer", type=nonneg_int, default=None, help="block (from 0) whose facet is the descriptor; "
-                   "default: the last block (reference: 11 of ViT-S)")
-    g.add_argument("--facet", default="key", choices=dense.FACETS, help="key, query, value of the attention (heads "
-                   "concatenated) or token (the block's output)")
-    g.add_argument("--stride", type=positive_int, default=None, help="patches taken every STRIDE pixels, a divisor "
-                   "of the patch size (reference: 4 for patch 8); default: the patch size")
-    g.add_argument("--bin", type=bool_flag, default=False, help="log-binning (Sec. 3.1; off for co-segmentation)")
+    backbone.add_descriptor_args(p, layer_default="the last block (reference: 11 of ViT-S)")
     data.add_image_args(p)
     g = p.add_argument_group("co-segmentation (reference defaults)")
     g.add_argument("--num_images", type=positive_int, default=10, help="images of --data_path co-segmented "
@@ -170,10 +163,7 @@ def get_args_parser():
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     model, _ = backbone.from_args(args, needs_vit="cosegment.py")
-    args.layer = len(model.blocks) - 1 if args.layer is None else args.layer
-    args.stride = args.stride or model.patch_size
-    if problem := dense.settings_error(model, args.layer, args.stride):
-        raise ConfigError(f"--{problem}")  # "--stride 3 does not divide ..."
+    backbone.resolve_descriptor_args(model, args, layer=len(model.blocks) - 1)
     if args.measure:
         return measure(model, args)
     images, names = data.images_from_args(args, args.num_images)

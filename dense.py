@@ -20,8 +20,6 @@ p patch size, s stride.
 import torch
 import torch.nn.functional as F
 
-import cli
-
 FACETS = ("key", "query", "value", "token")
 # NOTE: the reference averages heads 0, 2, 4, 5 of the official ViT-S/8 for its saliency maps, and has no
 # choice for other models; we use these for a 6-head ViT with patch 8 and all heads otherwise.
@@ -87,31 +85,6 @@ def settings_error(model, layer, stride):
     if not 0 <= layer < len(model.blocks):
         return f"layer {layer} is not a block of this model: it has blocks 0..{len(model.blocks) - 1}"
     return None
-
-
-def add_args(parser, layer_default, bin_default=False):
-    """The descriptor flags of the dense scripts in a group of their own: --layer (its default said by
-    layer_default, set by resolve_args), --facet, --stride, --bin."""
-    g = parser.add_argument_group("descriptors (Amir et al. Sec. 3)")
-    g.add_argument("--layer", type=cli.nonneg_int, default=None, help="block (from 0) whose facet is the "
-                   f"descriptor; default: {layer_default}")
-    g.add_argument("--facet", default="key", choices=FACETS, help="key, query, value of the attention (heads "
-                   "concatenated) or token (the block's output)")
-    g.add_argument("--stride", type=cli.positive_int, default=None, help="patches taken every STRIDE pixels, a "
-                   "divisor of the patch size; smaller: overlapping patches, a finer grid (reference: 4 for patch "
-                   "8); default: the patch size")
-    g.add_argument("--bin", type=cli.bool_flag, default=bin_default, help="log-binning: each descriptor with the "
-                   "averages of its 9 x 9 neighbourhood, 17 bins (Sec. 3.1)")
-    return g
-
-
-def resolve_args(model, args, layer):
-    """Fill in args.layer (default `layer`) and args.stride (default the patch size) and check them for this
-    model: a wrong one is a one-line error that names its flag."""
-    args.layer = layer if args.layer is None else args.layer
-    args.stride = args.stride or model.patch_size
-    if problem := settings_error(model, args.layer, args.stride):
-        raise cli.ConfigError(f"--{problem}")  # "--stride 3 does not divide ..."
 
 
 @torch.no_grad()

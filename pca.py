@@ -144,7 +144,7 @@ def get_args_parser():
     p = ArgumentParser(description="PCA of dense DINO descriptors of a set of images as colours (Amir et al. 2021; "
                                    "reference pca.py)")
     backbone.add_args(p)
-    dense.add_args(p, layer_default="the last block (reference: 11 of ViT-S)")
+    backbone.add_descriptor_args(p, layer_default="the last block (reference: 11 of ViT-S)")
     data.add_image_args(p)
     g = p.add_argument_group("PCA (reference defaults)")
     g.add_argument("--num_images", type=positive_int, default=10, help="images of --data_path fitted together")
@@ -162,10 +162,10 @@ def get_args_parser():
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    model, _ = backbone.from_args(args, needs_vit="pca.py")
-    dense.resolve_args(model, args, layer=len(model.blocks) - 1)
     if args.n_components < 3:
         raise ConfigError(f"--n_components {args.n_components}: the picture needs 3 (red, green, blue)")
+    model, _ = backbone.from_args(args, needs_vit="pca.py")
+    backbone.resolve_descriptor_args(model, args, layer=len(model.blocks) - 1)
     images, names = data.images_from_args(args, args.num_images)
     descs, sals, grids = zip(*describe(model, images, args))
     try:

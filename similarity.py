@@ -119,7 +119,7 @@ def get_args_parser():
     p = ArgumentParser(description="Cosine similarity of one point's dense DINO descriptor to every patch of a set "
                                    "of images (Amir et al. 2021; reference inspect_similarity.py)")
     backbone.add_args(p)
-    dense.add_args(p, layer_default="the last block (reference: 11 of ViT-S)")
+    backbone.add_descriptor_args(p, layer_default="the last block (reference: 11 of ViT-S)")
     data.add_image_args(p)
     g = p.add_argument_group("similarity (reference defaults)")
     g.add_argument("--point", nargs=2, type=nonneg_int, default=None, metavar=("X", "Y"), help="pixel of the first "
@@ -134,7 +134,7 @@ def get_args_parser():
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     model, _ = backbone.from_args(args, needs_vit="similarity.py")
-    dense.resolve_args(model, args, layer=len(model.blocks) - 1)
+    backbone.resolve_descriptor_args(model, args, layer=len(model.blocks) - 1)
     images, names = data.images_from_args(args, args.num_images)
     H, W = images[0].shape[-2:]
     point = args.point or [W // 2, H // 2]

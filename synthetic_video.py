@@ -17,7 +17,6 @@ Shape letters: T frames, S side in pixels, K objects.
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
