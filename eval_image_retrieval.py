@@ -150,6 +150,7 @@ def get_args(argv=None):
 def main(argv=None):
     args = get_args(argv)
     model, saved = backbone.from_args(args, needs_vit="eval_image_retrieval.py")
+    # NOTE: no default download; the official fetches the Google Landmarks v2 ViT-S/16 when given no weights
     device = args.device
     sources = [(name, cls_descriptor(m, args.multiscale)) for name, m in compared_backbones(model, args)]
     if args.dataset:

@@ -78,6 +78,7 @@ def global_descriptors(describe, dataset, device, batch_size=256, num_workers=0,
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     feats, labels = [], []
     for images, targets in tqdm(loader, desc=desc, leave=False):
+        # NOTE: bf16 autocast on a GPU (the official extracts in fp32), and one process (no torch.distributed)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             feats.append(describe(images.to(device)).float())
         labels.append(torch.as_tensor(targets))
@@ -105,7 +106,7 @@ class Whitening:
         self.mean = x.mean(dim=0)
         if mode == "centered":
             x = x - self.mean
-        # NOTE: float64 here; the official builds the matrix and its eigenvectors in float32
+        # NOTE: float64 and an eigenvalue floor of 1e-12; the official works in float32 (and divides by zero at 0)
         moment = x.T @ x / len(x)  # (D, D)
         eigval, eigvec = torch.linalg.eigh(moment)  # ascending
         eigval = eigval.clamp(min=max(eigval.max().item() * eps, 1e-12))
@@ -157,8 +158,9 @@ def compute_map(ranks, gnd, kappas=(1, 5, 10)):
         if len(ok) == 0:
             continue
         is_ok = np.isin(ranks[:, q], ok)
-        # NOTE: an image both positive and junk stays in the ranking as a positive; the official also moves the later
-        # positives up past it, which can rank two positives equal (AP > 1). The revisited protocols never overlap.
+        # NOTE: an image both positive and junk stays in the ranking as a positive; the official also counts it as junk
+        # for the later positives (one rank up each), which can rank two positives equal (AP > 1). The revisited
+        # protocols never list an image in both.
         hits = torch.from_numpy(is_ok[~np.isin(ranks[:, q], junk) | is_ok])[None]  # (1, N - junk)
         aps[q] = average_precision(hits, [len(ok)]).item()
         prs[q] = precision_at(hits, kappas)[0].numpy()

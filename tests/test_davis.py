@@ -81,6 +81,26 @@ def test_contour_accuracy_matches_a_direct_distance_check_on_random_blobs():
     assert davis.db_eval_boundary(gt, pred, bound_th=r).item() == pytest.approx(expected, abs=1e-6)
 
 
+@pytest.mark.parametrize("radius", [1, 2.5, 8])
+def test_cutting_each_frame_to_its_masks_box_changes_no_boundary_count(radius):
+    """db_eval_boundary counts the boundary pixels and their matches on the box of the two masks, one pixel wider:
+    the same counts as on the whole frame, for masks in the middle, at the frame's edges, and empty ones."""
+    gen = torch.Generator().manual_seed(2)
+    blobs = torch.nn.functional.interpolate(torch.rand(6, 1, 4, 5, generator=gen), size=(30, 37), mode="bilinear")
+    masks = blobs[:, 0] > 0.6  # (6, 30, 37): blobs that touch the edges
+    masks[0], masks[1] = False, False
+    masks[1, 12:15, 20:26] = True  # a small mask in the middle ...
+    masks[2, :, :] = False  # ... against an empty one
+    for gt, pred in [(masks[0], masks[0]), (masks[1], masks[3]), (masks[2], masks[1]), (masks[4], masks[5]),
+                     (masks[3], masks[4])]:
+        gt_b, pred_b = davis.seg2bmap(gt), davis.seg2bmap(pred)
+        whole = [gt_b.sum(), pred_b.sum(), (gt_b & davis.dilate_disk(pred_b, radius)).sum(),
+                 (pred_b & davis.dilate_disk(gt_b, radius)).sum()]
+        assert davis.boundary_counts(gt, pred, radius).tolist() == [int(c) for c in whole]
+    f = davis.db_eval_boundary(masks[None, :3].expand(2, 3, 30, 37), masks[None, 3:].expand(2, 3, 30, 37), radius)
+    assert f.shape == (2, 3) and torch.equal(f[0], f[1])
+
+
 def test_scores_average_over_frames_per_object_then_over_objects():
     gt = np.zeros((2, 40, 40), np.uint8)
     gt[:, 10:20, 10:20], gt[:, 25:35, 25:35] = 1, 2
