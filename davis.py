@@ -205,8 +205,8 @@ def db_eval_boundary(gt, pred, bound_th=0.008):
     shape = gt.shape[:-2]
     gt, pred = gt.reshape(-1, height, width), pred.reshape(-1, height, width)  # (B, H, W)
     counts = torch.zeros(len(gt), 4, dtype=torch.int64)  # (B, 4): one frame at a time, each cut to its masks' box
-    for b in range(len(gt)):
-        counts[b] = boundary_counts(gt[b], pred[b], radius)
+    for i in range(len(gt)):
+        counts[i] = boundary_counts(gt[i], pred[i], radius)
     n_gt, n_pred, gt_matched, pred_matched = counts.reshape(*shape, 4).float().unbind(-1)  # each (...)
     precision, recall = pred_matched / n_pred.clamp_min(1), gt_matched / n_gt.clamp_min(1)
     # an empty boundary: precision 1 when nothing is predicted, recall 1 when there is nothing to find; so F is
