@@ -1,4 +1,5 @@
-"""One way to get a backbone: the flags every script shares, the model built from them, the evaluation size.
+"""One way to get a backbone: the flags every script shares, the model built from them, the evaluation size, and
+the flags that choose a backbone's dense descriptors (add_descriptor_args, resolve_descriptor_args).
 
 Every script that looks at a backbone (eval_knn.py, eval_linear.py, visualize_attention.py, the dense,
 video and retrieval scripts) gets it here, so the flags, their defaults, the device check and the message of
@@ -37,7 +38,8 @@ def add_args(parser):
                    "output), an official training checkpoint or an official backbone file "
                    f"(dino_deitsmall16_pretrain.pth...); '{RANDOM}': the architecture at random init (seed 0)")
     g.add_argument("--checkpoint_key", default="teacher", choices=["teacher", "student"],
-                   help="which network of a training checkpoint (the paper evaluates the teacher)")
+                   help="which network of a training checkpoint (official code: the teacher, which "
+                   "'has better performance than the student throughout the training', paper Sec. 3.1)")
     g.add_argument("--arch", type=arch_name, default=None, help="vit_tiny, vit_small, vit_base or a torchvision "
                    "model (resnet50); default: the checkpoint's, else vit_small (official backbone files hold no args)")
     g.add_argument("--patch_size", type=cli.positive_int, default=None, help="default: the checkpoint's, else 16")
@@ -52,11 +54,14 @@ def default_device(name=None):
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+def unknown_arch(name):
+    return f"unknown arch {name!r}: {', '.join(vit.ARCHS)} or a torchvision classification model such as resnet50"
+
+
 def arch_name(name):
     """An argparse type: a ViT of vit.py (vit_tiny, vit_small, vit_base) or a torchvision classification model."""
     if name not in vit.ARCHS and name not in torchvision.models.list_models(module=torchvision.models):
-        raise argparse.ArgumentTypeError(f"unknown arch {name!r}: {', '.join(vit.ARCHS)} or a torchvision "
-                                         f"classification model such as resnet50")
+        raise argparse.ArgumentTypeError(unknown_arch(name))
     return name
 
 
@@ -68,8 +73,7 @@ def build(arch, patch_size=16, depth=None, drop_path_rate=0.0):
     try:
         model = torchvision.models.get_model(arch, weights=None)
     except ValueError:
-        raise ConfigError(f"unknown arch {arch!r}: {', '.join(vit.ARCHS)} or a torchvision classification model "
-                          f"such as resnet50") from None
+        raise ConfigError(unknown_arch(arch)) from None
     # As the official code: the classifier (the last linear layer: resnet50's fc) becomes an identity, so the
     # backbone gives its pooled features, embed_dim wide. NOTE: the official replaces `fc` (and `head`) only.
     name = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]

@@ -33,7 +33,7 @@ from PIL import Image, ImageDraw
 
 import checkpoint
 import cli
-from draw import COLORS, draw_panel, load_font
+from draw import COLORS, draw_panel, load_font, read_rows
 
 ROOT = Path(__file__).resolve().parent
 SETTINGS = {  # name: (legend, train.py flags)
@@ -74,8 +74,7 @@ def read_run(out):
     """A finished run's log rows and the args train.py ran with."""
     if not (out / "log.txt").is_file():
         raise cli.ConfigError(f"no {out / 'log.txt'}: run without --plot_only first")
-    rows = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
-    return rows, checkpoint.load_state_dict(out / "checkpoint.pth")["args"]
+    return read_rows(out / "log.txt"), checkpoint.load_state_dict(out / "checkpoint.pth")["args"]
 
 
 def summarize(rows, train_args):

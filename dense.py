@@ -10,9 +10,10 @@ image densely (their Sec. 3). This file holds the parts the applications share:
   cosegment(), part_cosegment()   their Sec. 4.1 and 4.2: clusters voted salient, then parts of the foreground
   best_buddies(), correspondences()   their Sec. 4.3: mutual nearest neighbours, N diverse pairs
   patch_centers(), patches_to_pixels()   where the patches of a grid lie in the image
-  add_args(), resolve_args()   the descriptor flags (--layer, --facet, --stride, --bin) of the dense scripts
+  settings_error()   what is wrong with a layer and stride for a model (None when nothing is)
 The scripts cosegment.py, correspond.py, pca.py and similarity.py hold the command lines: they read images, run
-these and draw.
+these and draw. Their descriptor flags (--layer, --facet, --stride, --bin) are backbone.add_descriptor_args() and
+backbone.resolve_descriptor_args().
 
 Shape letters: B images, N patches (h x w grid), D descriptor width, H heads, M descriptors, K clusters,
 p patch size, s stride.

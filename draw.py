@@ -2,6 +2,7 @@
 
     labelled_grid(rows, col_titles, row_titles, caption)   a grid of uint8 (3, H, W) images with titles
     draw_panel(...)                                        axes, ticks and curves (collapse_study.py's figure)
+    read_rows(path)                                        the JSON rows of a run's log.txt or steps.txt
     training_curves(output_dir, out_dim)                   a run's curves.png, drawn by train.py after each epoch
 
     python draw.py output                                  redraw curves.png of any run from its logs
@@ -128,9 +129,13 @@ def draw_panel(draw, box, title, curves, key, y_high, font, hline=None, x_label=
 # --- a training run's curves ---------------------------------------------------------------------------------
 def read_rows(path):
     """The JSON rows of a train.py log.txt (one per epoch; epoch -1: the k-NN before training) or steps.txt (one per
-    --log_every optimizer steps); [] when the file is not there. A row cut by a kill is left out."""
+    --log_every optimizer steps); [] when the file is not there. A last row cut by a kill (no closing "}") is left
+    out; any other unreadable row is an error."""
     path = Path(path)
-    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")] if path.exists() else []
+    lines = path.read_text().splitlines() if path.exists() else []
+    if lines and not lines[-1].endswith("}"):
+        lines.pop()  # the row being written when the run was killed
+    return [json.loads(line) for line in lines]
 
 
 def training_curves(out, out_dim, path=None, size=(1050, 620)):

@@ -1,4 +1,5 @@
-"""Linear probe: a linear classifier trained with labels on frozen DINO features (paper Sec. 4.1, Appendix).
+"""Linear probe: a linear classifier trained with labels on frozen DINO features (paper Sec. 3.2
+"Evaluation protocols", Sec. 4.1, Appendix).
 
 The feature, as the official eval_linear.py: ViT-S concatenates the CLS tokens of the last 4 blocks
 (--n_last_blocks 4, the default); ViT-B takes the last CLS token and the average of the last block's patch
@@ -125,9 +126,10 @@ def get_args_parser():
     p = cli.ArgumentParser(description="Linear probe on frozen DINO features (paper Sec. 4.1)")
     backbone.add_args(p)
     p.add_argument("--n_last_blocks", type=cli.positive_int, default=4,
-                   help="concatenate the CLS tokens of the last n blocks (paper: 4 for ViT-S, 1 for ViT-B)")
+                   help="concatenate the CLS tokens of the last n blocks (official code: 4 for ViT-S, 1 for ViT-B)")
     p.add_argument("--avgpool_patchtokens", type=cli.bool_flag, default=False,
-                   help="also the average of the last block's patch tokens (paper: false for ViT-S, true for ViT-B)")
+                   help="also the average of the last block's patch tokens (official code: false for ViT-S, true "
+                   "for ViT-B)")
     p.add_argument("--epochs", type=cli.positive_int, default=100)
     p.add_argument("--lr", type=cli.positive_float, default=0.001,
                    help="for a batch of 256, scaled linearly with --batch_size")

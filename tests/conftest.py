@@ -1,9 +1,8 @@
 """What the test files share: the repository root on sys.path (the tests import vit, train, ... as the scripts
-do), one tiny configuration, and the tiny models and checkpoints built from it.
+do), one tiny configuration, and the tiny models, checkpoints and loader batches built from it.
 
-    from conftest import TINY_TRAIN, tiny_vit, write_checkpoint
+    from conftest import TINY_TRAIN, tiny_vit, write_checkpoint, random_batch
 """
-import json
 import sys
 from pathlib import Path
 
@@ -13,7 +12,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 torch.set_num_threads(1)  # tiny tensors: a thread pool only adds overhead (tests ran 2x slower on 2 busy cores)
 
-import vit  # noqa: E402  (after the path is set)
+import draw  # noqa: E402  (after the path is set)
+import vit  # noqa: E402
+from augment import DataAugmentationDINO  # noqa: E402
 
 
 def pytest_configure(config):
@@ -32,6 +33,16 @@ def tiny_vit(patch_size=4, depth=2, seed=None, **kw):
     if seed is not None:
         torch.manual_seed(seed)
     return vit.vit_tiny(patch_size=patch_size, depth=depth, **kw).eval()
+
+
+def random_batch(args, batch=4, seed=0):
+    """A loader batch as data.training_loader gives it: V uint8 crop batches and (B, V, P) photometric draws."""
+    g = torch.Generator().manual_seed(seed)
+    aug = DataAugmentationDINO(local_crops_number=args.local_crops_number, global_crop_size=args.global_crop_size,
+                               local_crop_size=args.local_crop_size)
+    sizes = [args.global_crop_size] * 2 + [args.local_crop_size] * args.local_crops_number
+    crops = [torch.randint(0, 256, (batch, 3, s, s), dtype=torch.uint8, generator=g) for s in sizes]
+    return crops, torch.stack([aug.draw_params(g) for _ in range(batch)])
 
 
 def write_checkpoint(path, model=None, **args):
@@ -63,5 +74,5 @@ def no_key_bias(name, value):
 
 
 def read_rows(out):
-    """The JSON rows of out/log.txt."""
-    return [json.loads(line) for line in (Path(out) / "log.txt").read_text().splitlines()]
+    """draw.read_rows(out / "log.txt"): the name test_launch.py reads a run's log rows by."""
+    return draw.read_rows(Path(out) / "log.txt")

@@ -1,6 +1,6 @@
 """The official DINO weight files load strictly, and files that do not fit are refused with one clear line.
 
-The files are built here with the official names and shapes (facts/official_dino_state_dict_shapes.json, read
+The files are built here with the official names and shapes (tests/official_dino_state_dict_shapes.json, read
 from the official releases) and random values: a pretrained backbone file (a plain ViT state dict) and a full
 training checkpoint (student under DDP: `module.backbone.*`, `module.head.*`; teacher: `backbone.*`, `head.*`;
 args an argparse.Namespace), whose head is saved with either weight-norm naming.
@@ -65,7 +65,8 @@ def test_official_pretrained_backbone_file_loads_exactly(tmp_path, teacher_backb
 @needs_shapes
 @pytest.mark.parametrize("parametrizations", [False, True], ids=["weight_g_v", "parametrizations"])
 def test_official_full_checkpoint_loads_teacher_or_student(tmp_path, teacher_backbone, parametrizations):
-    """Paper Sec. 3.1: the teacher is the network evaluated. --checkpoint_key student takes the DDP student instead;
+    """The teacher is the network evaluated, as in the official code (paper Sec. 3.1: it "has better performance
+    than the student throughout the training"). --checkpoint_key student takes the DDP student instead;
     arch and patch size come from the checkpoint's args, an argparse.Namespace read with weights_only=True."""
     student_backbone = constant_tensors(SHAPES["vit_small_p16"], 0.25)
     head = head_tensors(parametrizations)

@@ -37,6 +37,17 @@ def test_resume_drops_the_step_rows_a_killed_run_wrote_after_its_checkpoint(tmp_
     assert read_rows(tmp_path / "log.txt") == [{"epoch": -1, "step": 0}]
 
 
+def test_read_rows_leaves_out_only_a_last_row_cut_by_a_kill(tmp_path):
+    """No file yet: no rows. The row being written when a run was killed is not a row; a broken one before it is
+    an error, not a silent gap."""
+    assert read_rows(tmp_path / "log.txt") == []
+    (tmp_path / "log.txt").write_text('{"epoch": 0}\n{"epoch": 1, "train_lo')
+    assert read_rows(tmp_path / "log.txt") == [{"epoch": 0}]
+    (tmp_path / "log.txt").write_text('{"epoch": 0, "train_lo\n{"epoch": 1}\n')
+    with pytest.raises(json.JSONDecodeError):
+        read_rows(tmp_path / "log.txt")
+
+
 def test_the_command_says_in_one_line_what_it_is_missing(tmp_path):
     with pytest.raises(ConfigError, match="no checkpoint.pth in .* give --out_dim"):
         draw.main([str(tmp_path)])

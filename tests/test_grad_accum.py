@@ -14,8 +14,7 @@ import pytest
 import torch
 
 import train
-from conftest import ROOT, TINY_TRAIN, load, no_key_bias, relative_difference
-from test_train import random_batch
+from conftest import ROOT, TINY_TRAIN, load, no_key_bias, random_batch, relative_difference
 
 FLAGS = TINY_TRAIN + ["--subset", "96", "--epochs", "1", "--drop_path_rate", "0", "--precision", "fp32",
                       "--knn_every", "0", "--saveckp_freq", "0", "--freeze_last_layer", "0", "--log_every", "1"]
@@ -78,7 +77,7 @@ def test_center_and_teacher_move_once_per_optimizer_step_not_per_micro_batch(mon
     after the last micro-batch, whatever N."""
     args = train.parse_args(FLAGS + ["--batch_size_per_gpu", "4", "--grad_accum_steps", "3"])
     torch.manual_seed(0)
-    t = train.build_training(args, torch.device("cpu"), niter=4)
+    t = train.build_training(args, torch.device("cpu"), 1, False, 4)  # 4 steps per epoch
     calls, teachers, centers = [], [], []
     real_forward = t.teacher.forward
     def watched_teacher(views):  # what the teacher is when each micro-batch sees it
@@ -101,5 +100,5 @@ def test_lr_scales_with_the_batch_of_an_optimizer_step(n):
     """Sec. 3.2's linear scaling rule applies to the effective batch: batch per process x processes x N."""
     args = train.parse_args(FLAGS + ["--batch_size_per_gpu", "8", "--grad_accum_steps", str(n), "--lr", "0.001",
                                      "--warmup_epochs", "0"])
-    t = train.build_training(args, torch.device("cpu"), niter=3)
+    t = train.build_training(args, torch.device("cpu"), 1, False, 3)  # 3 steps per epoch
     assert t.lr[0] == pytest.approx(0.001 * 8 * n / 256)

@@ -1,12 +1,15 @@
-"""Optimization pieces of train.py (paper Sec. 3.1 and Appendix): schedules, weight-decay groups, per-parameter
-gradient clipping, and the EMA teacher update (paper Eq. 2 / Algorithm 1)."""
+"""Optimization pieces of train.py: the schedules (paper Sec. 3.2 "Implementation details"), the weight-decay
+groups and per-parameter gradient clipping (official code), the EMA teacher (paper Sec. 3.1 "Teacher network",
+Algorithm 1)."""
 import copy
 
 import numpy as np
 import pytest
 import torch
 
+import train
 import vit
+from conftest import TINY_TRAIN, random_batch
 from head import DINOHead, MultiCropWrapper
 from train import clip_gradients, cosine_scheduler, ema_update, param_groups
 
@@ -19,7 +22,7 @@ def tiny_dino(norm_last_layer=True, seed=0):
 
 # --- schedules -------------------------------------------------------------------------------------------
 def test_lr_warms_up_linearly_then_decays_by_cosine():
-    """Paper Sec. 3.1: "The learning rate is linearly ramped up during the first 10 epochs to its base value ...
+    """Paper Sec. 3.2: "The learning rate is linearly ramped up during the first 10 epochs to its base value ...
     After this warmup, we decay the learning rate with a cosine schedule"; one value per iteration."""
     base, final, epochs, niter, warmup, start = 1.0, 0.1, 6, 10, 2, 0.2
     s = np.asarray(cosine_scheduler(base, final, epochs, niter, warmup_epochs=warmup, start_warmup_value=start))
@@ -33,19 +36,19 @@ def test_lr_warms_up_linearly_then_decays_by_cosine():
 
 
 def test_cosine_ends_at_final_value():
-    """The schedule ends at its final value: lr 0.0005 -> min_lr 1e-6, and weight decay 0.04 -> 0.4 (paper:
+    """The schedule ends at its final value: lr 0.0005 -> min_lr 1e-6, and weight decay 0.04 -> 0.4 (paper Sec. 3.2:
     "The weight decay also follows a cosine schedule from 0.04 to 0.4")."""
-    lr = np.asarray(cosine_scheduler(0.0005, 1e-6, epochs=100, niter_per_ep=100, warmup_epochs=10))
+    lr = np.asarray(cosine_scheduler(0.0005, 1e-6, 100, 100, warmup_epochs=10))  # 100 epochs x 100 steps
     assert lr[-1] == pytest.approx(1e-6, rel=1e-3)
     assert lr.max() == pytest.approx(0.0005, rel=1e-12)
-    wd = np.asarray(cosine_scheduler(0.04, 0.4, epochs=100, niter_per_ep=100))
+    wd = np.asarray(cosine_scheduler(0.04, 0.4, 100, 100))
     assert wd[0] == pytest.approx(0.04, abs=1e-12) and wd[-1] == pytest.approx(0.4, rel=1e-3)
     assert np.all(np.diff(wd) > 0)
 
 
 def test_teacher_momentum_follows_cosine_from_0_996_to_1():
     """Paper Sec. 3.1: "with lambda following a cosine schedule from 0.996 to 1 during training"."""
-    m = np.asarray(cosine_scheduler(0.996, 1.0, epochs=10, niter_per_ep=100))
+    m = np.asarray(cosine_scheduler(0.996, 1.0, 10, 100))  # 10 epochs x 100 steps
     assert len(m) == 1000
     assert m[0] == pytest.approx(0.996, abs=1e-12)
     assert m[-1] == pytest.approx(1.0, abs=1e-6) and m.max() <= 1.0
@@ -54,7 +57,7 @@ def test_teacher_momentum_follows_cosine_from_0_996_to_1():
 
 def test_no_warmup_schedule_starts_at_base():
     """warmup_epochs 0: the first value is the base value."""
-    s = cosine_scheduler(0.5, 0.0, epochs=3, niter_per_ep=7)
+    s = cosine_scheduler(0.5, 0.0, 3, 7)  # 3 epochs x 7 steps
     assert len(s) == 21 and s[0] == 0.5
 
 
@@ -164,11 +167,22 @@ def test_momentum_one_leaves_teacher_unchanged():
         assert torch.equal(p, t0[name]), name
 
 
-def test_teacher_has_no_trainable_parameters():
-    """Paper Sec. 3.1: the teacher is built from past iterations of the student, not trained by gradients; the
-    teacher as train.py builds it (requires_grad_(False)) has no trainable parameter and no optimizer group."""
-    student, teacher = tiny_dino(seed=0), tiny_dino(seed=1)
-    teacher.load_state_dict(student.state_dict())
-    teacher.requires_grad_(False)
-    assert not any(p.requires_grad for p in teacher.parameters())
-    assert all(len(g["params"]) == 0 for g in param_groups(teacher))
+def test_training_teacher_gets_no_gradient_and_moves_by_ema_only():
+    """Paper Sec. 3.1: "we build it from past iterations of the student network", by EMA, not by gradients. The
+    teacher as train.build_training makes it: no parameter requires grad or is in the optimizer; after a step of
+    train.train_step it holds no gradient and is exactly lambda theta_t + (1 - lambda) theta_s."""
+    args = train.parse_args(TINY_TRAIN + ["--precision", "fp32", "--freeze_last_layer", "0"])
+    torch.manual_seed(0)
+    t = train.build_training(args, torch.device("cpu"))
+    teacher = dict(t.teacher.named_parameters())
+    assert teacher and not any(p.requires_grad for p in teacher.values())
+    optimized = {id(p) for group in t.optimizer.param_groups for p in group["params"]}
+    assert not optimized & {id(p) for p in teacher.values()}
+    before = {name: p.clone() for name, p in teacher.items()}
+    train.train_step(t, [random_batch(args)], epoch=0, step=0)
+    assert all(p.grad is None for p in teacher.values())
+    assert all(p.grad is not None for p in t.student.parameters() if p.requires_grad)  # the step did backpropagate
+    m, student = t.momentum[0], dict(t.student.named_parameters())
+    assert m < 1 and not torch.equal(teacher["head.mlp.0.weight"], before["head.mlp.0.weight"])
+    for name, p in teacher.items():
+        torch.testing.assert_close(p, m * before[name] + (1 - m) * student[name], atol=1e-7, rtol=0)

@@ -5,7 +5,6 @@ Fashion-MNIST, 64 images, batch 16: 4 steps per epoch. Subprocesses run with OMP
 do (conftest), so that a run split over processes can be compared bit for bit with one straight run.
 """
 import errno
-import json
 import os
 import pickle
 import random
@@ -27,6 +26,7 @@ import data
 import train
 from cli import ConfigError
 from conftest import TINY_TRAIN, load, no_key_bias, relative_difference
+from draw import read_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = TINY_TRAIN + ["--subset", "64", "--batch_size_per_gpu", "16", "--epochs", "1", "--freeze_last_layer", "0",
@@ -36,9 +36,9 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
 def read_log(out):
+    """out/log.txt's rows without their timings, which differ from run to run."""
     timing = ("images_per_s", "epoch_time_s")
-    return [{k: v for k, v in json.loads(line).items() if k not in timing}
-            for line in (Path(out) / "log.txt").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k not in timing} for row in read_rows(Path(out) / "log.txt")]
 
 
 def tensors(ckpt):

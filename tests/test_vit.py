@@ -1,4 +1,4 @@
-"""The ViT backbone (paper Sec. 3.1 "Implementation and evaluation protocols"): shapes, official names, numerics."""
+"""The ViT backbone (paper Sec. 3.2 "Implementation and evaluation protocols"): shapes, official names, numerics."""
 import json
 import math
 from pathlib import Path
@@ -62,7 +62,7 @@ def tokens_before_last_block(model, x):
 @pytest.mark.parametrize("patch_size,size", [(4, (16, 16)), (4, (32, 32)), (4, (24, 40)), (8, (16, 16)),
                                              (8, (24, 40)), (16, (32, 32)), (16, (32, 48))])
 def test_output_is_one_cls_feature_per_image_for_any_multiple_of_the_patch_size(patch_size, size):
-    """Paper Sec. 3.1: "The ViT architecture takes as input a grid of non-overlapping contiguous image patches
+    """Paper Sec. 3.2: "The ViT architecture takes as input a grid of non-overlapping contiguous image patches
     of resolution N x N." Any grid works (position embeddings are interpolated); the output is (B, D)."""
     model = tiny(patch_size)
     with torch.no_grad():
