@@ -1,20 +1,19 @@
 """Multi-crop data augmentation of DINO (Caron et al. 2021, arXiv:2104.14294).
 
-Sec. 3.1 multi-crop (2 global views at 224 px, N local views at 96 px) and the Appendix on data augmentation
-(BYOL's: flip, color jitter, grayscale, Gaussian blur, solarization). `DataAugmentationDINO` runs per image in
-DataLoader workers: uint8 crops (crop, resize, flip) plus all photometric random draws as a small tensor, from one
-torch.Generator seeded by `MultiCropDataset` from (seed, epoch, index); `photometric` applies them on the device.
+Sec. 3.1 multi-crop (2 global views at 224 px, N local views at 96 px) and Sec. 3.2 "Implementation details" (BYOL's
+data augmentations: flip, color jitter, grayscale, Gaussian blur, solarization). `DataAugmentationDINO` runs per image in
+DataLoader workers: uint8 crops (crop, resize, flip) plus all photometric random draws as a small tensor, from the
+torch.Generator it is given (data.py seeds one per sample); `photometric` applies them on the device.
 
 Shape letters: B images, V crops per image (2 global + N local), S crop side, P photometric params.
 """
 import itertools
 import math
 
-import numpy as np
 import PIL.Image
 import torch
-import torch.nn.functional as nnf
-import torchvision.transforms.v2.functional as F
+import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
 from torchvision.transforms import InterpolationMode
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -45,7 +44,7 @@ class DataAugmentationDINO:
     def __call__(self, image, generator=None):
         """image: PIL image of any mode, or uint8 tensor (C, H, W) with C = 1 or 3. Crops: uint8 (3, S, S)."""
         if isinstance(image, PIL.Image.Image):
-            image = F.pil_to_tensor(image.convert("RGB"))  # (3, H, W)
+            image = TF.pil_to_tensor(image.convert("RGB"))  # (3, H, W)
         image = image.expand(3, -1, -1)  # (3, H, W): 1 channel -> 3, a no-op for 3
         params = self.draw_params(generator)  # (V, P)
         sizes = [(self.global_crop_size, self.global_crops_scale)] * 2
@@ -53,7 +52,7 @@ class DataAugmentationDINO:
         crops = []
         for size, scale in sizes:
             top, left, h, w = random_resized_crop_box(*image.shape[-2:], scale, self.ratio, generator)
-            crop = F.resized_crop(image, top, left, h, w, [size, size], InterpolationMode.BICUBIC, antialias=True)
+            crop = TF.resized_crop(image, top, left, h, w, [size, size], InterpolationMode.BICUBIC, antialias=True)
             flip = torch.rand(1, generator=generator).item() < self.flip_p
             crops.append(crop.flip(-1) if flip else crop)  # horizontal flip with p = flip_p
         return crops, params
@@ -136,9 +135,9 @@ def gaussian_blur(x, sigma, sigma_max):
     weight = torch.softmax(-(d**2) / (2 * sigma.view(-1, 1).clamp_min(1e-3) ** 2), dim=1)  # (B, k)
     weight = weight.repeat_interleave(C, dim=0)  # (B*C, k), one kernel per sample and channel
     p = kernel_size // 2
-    x = nnf.pad(x, [p, p, p, p], mode="reflect").view(1, B * C, H + 2 * p, W + 2 * p)  # (1, B*C, H+2p, W+2p)
-    x = nnf.conv2d(x, weight.view(B * C, 1, 1, kernel_size), groups=B * C)  # along W: (1, B*C, H+2p, W)
-    x = nnf.conv2d(x, weight.view(B * C, 1, kernel_size, 1), groups=B * C)  # along H: (1, B*C, H, W)
+    x = F.pad(x, [p, p, p, p], mode="reflect").view(1, B * C, H + 2 * p, W + 2 * p)  # (1, B*C, H+2p, W+2p)
+    x = F.conv2d(x, weight.view(B * C, 1, 1, kernel_size), groups=B * C)  # along W: (1, B*C, H+2p, W)
+    x = F.conv2d(x, weight.view(B * C, 1, kernel_size, 1), groups=B * C)  # along H: (1, B*C, H, W)
     return x.view(B, C, H, W)
 
 
@@ -163,7 +162,7 @@ def photometric(crops, params, mean=IMAGENET_MEAN, std=IMAGENET_STD, sigma_max=N
     if sigma_max > 0:  # some crop of the batch is blurred
         x = torch.where(blur > 0, gaussian_blur(x, sigma.view(-1), sigma_max), x)
     x = torch.where((solarize > 0) & (x >= 0.5), 1 - x, x)  # solarize: threshold 0.5 (128 of 255)
-    return F.normalize(x, mean, std)
+    return TF.normalize(x, mean, std)
 
 
 def largest_blur_sigma(params):
@@ -183,58 +182,3 @@ def photometric_views(crops, params, device, mean=IMAGENET_MEAN, std=IMAGENET_ST
         sigma_max = largest_blur_sigma(p)  # on the CPU: no wait for the device
         views += photometric(x, p.to(device, non_blocking=True), mean, std, sigma_max).chunk(len(group))
     return views
-
-
-class MultiCropDataset(torch.utils.data.Dataset):
-    """Wraps a dataset of (image, label); item (epoch, index) -> (crops, params, label, error), reproducibly.
-
-    An image whose loading raises OSError (an empty, truncated or corrupt file) is replaced by the next readable
-    one, cropped with the draws of (epoch, index); `error` is the message naming the file, "" when the image was
-    read. Batches keep their size, runs stay reproducible, and the training loop counts and reports the messages."""
-    def __init__(self, dataset, transform, seed=0):
-        self.dataset, self.transform, self.seed = dataset, transform, seed
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        epoch, index = key if isinstance(key, (tuple, list)) else (0, key)  # a plain index means epoch 0
-        # NOTE: the official code draws from the workers' global RNGs; we seed one generator per sample.
-        # SeedSequence mixes the three numbers, so neighbouring (epoch, index) get unrelated streams.
-        seed = np.random.SeedSequence([self.seed, int(epoch), int(index)]).generate_state(1)[0]
-        image, label, error = self.load(index)
-        crops, params = self.transform(image, torch.Generator().manual_seed(int(seed)))
-        return crops, params, label, error
-
-    def load(self, index):
-        """(image, label, "") or, when `index` cannot be read, the next readable index's image and label, and the
-        error message."""
-        # NOTE: the official code (torchvision's ImageFolder with PIL) stops at the first unreadable image.
-        error = ""
-        for k in range(len(self.dataset)):
-            try:
-                return *self.dataset[(index + k) % len(self.dataset)], error
-            except OSError as e:
-                error = error or str(e)
-        raise OSError(f"no image of the dataset can be read; the first error: {error}")
-
-
-class EpochSampler(torch.utils.data.Sampler):
-    """Yields (epoch, index) for each index of an inner sampler (RandomSampler, DistributedSampler...).
-    The epoch travels in the key because persistent workers never see attributes set in the main process."""
-    def __init__(self, sampler):
-        super().__init__()
-        self.sampler, self.epoch, self.start = sampler, 0, 0
-
-    def set_epoch(self, epoch, start=0):
-        """start: skip the epoch's first `start` indices, those a run stopped in the middle of the epoch has done."""
-        self.epoch, self.start = epoch, start
-        if hasattr(self.sampler, "set_epoch"):
-            self.sampler.set_epoch(epoch)
-
-    def __iter__(self):
-        epoch = self.epoch  # fixed when the iteration starts
-        return ((epoch, int(index)) for index in itertools.islice(self.sampler, self.start, None))
-
-    def __len__(self):
-        return len(self.sampler) - self.start

@@ -29,7 +29,8 @@ from PIL import Image
 import cli
 import data
 import train
-from augment import DataAugmentationDINO, EpochSampler, MultiCropDataset, photometric_views
+from augment import DataAugmentationDINO, photometric_views
+from data import EpochSampler, MultiCropDataset
 
 # The official code (facebookresearch/dino) measured on one H100 with 16 CPU cores, torch 2.11:
 # (what, images/s, peak memory, conditions).
@@ -141,7 +142,7 @@ def bench_step(args, targs, device):
     """train.train_step over one batch of random uint8 crops already on the device, seen again and again."""
     reset_peak_memory(device)
     n = max(args.warmup, args.iters)
-    t = train.build_training(targs, device, niter=n)  # as train.main builds it, with one epoch of n steps
+    t = train.build_training(targs, device, steps_per_epoch=n)  # as train.main builds it, with one epoch of n steps
     sizes = [args.global_crop_size] * 2 + [args.local_crop_size] * args.local_crops_number
     crops = [torch.randint(0, 256, (args.batch_size, 3, s, s), dtype=torch.uint8, device=device) for s in sizes]
     draws = DataAugmentationDINO(local_crops_number=args.local_crops_number)

@@ -60,8 +60,25 @@ def backbone_state_dict(ckpt, key="teacher"):
     return sd
 
 
-def load_strict(model, state_dict, what):
-    """model.load_state_dict(strict=True), shapes included, or one line naming what does not fit."""
+def training_weights(path):
+    """What train.py --init_weights starts from: {"student", "teacher": state dicts with backbone.* and head.*,
+    "center": (1, K) or None} of a training checkpoint (ours, or an official full checkpoint: its DDP `module.`
+    prefix dropped, its newer weight-norm names mapped to weight_g / weight_v), else {"backbone": the file}."""
+    ckpt = load_state_dict(path)
+    if not (isinstance(ckpt, dict) and all(isinstance(ckpt.get(k), dict) for k in ("student", "teacher"))):
+        return {"backbone": ckpt}
+    rename = {"parametrizations.weight.original0": "weight_g", "parametrizations.weight.original1": "weight_v"}
+    weights = {}
+    for name in ("student", "teacher"):
+        sd = {k.removeprefix("module."): v for k, v in ckpt[name].items()}
+        weights[name] = {next((k.replace(a, b) for a, b in rename.items() if k.endswith(a)), k): v
+                         for k, v in sd.items()}
+    weights["center"] = ckpt.get("dino_loss", {}).get("center")
+    return weights
+
+
+def load_strict(model, state_dict, what, hint="check --arch, --patch_size and --checkpoint_key"):
+    """model.load_state_dict(strict=True), shapes included, or one line naming what does not fit (and `hint`)."""
     expected = model.state_dict()
     missing, unexpected = sorted(expected.keys() - state_dict.keys()), sorted(state_dict.keys() - expected.keys())
     wrong = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
@@ -74,8 +91,7 @@ def load_strict(model, state_dict, what):
             width, _, patch, _ = state_dict["patch_embed.proj.weight"].shape
             depth = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
             problems.append(f"the file holds a ViT of width {width}, patch {patch}, {depth} blocks")
-        raise ConfigError(f"{what} does not fit the model: {'; '.join(problems)}; check --arch, --patch_size "
-                          f"and --checkpoint_key")
+        raise ConfigError(f"{what} does not fit the model: {'; '.join(problems)}; {hint}")
     model.load_state_dict(state_dict)
 
 

@@ -9,6 +9,7 @@
 Shape letters: B images, N dataset size, D feature width, S image side.
 """
 import gzip
+import itertools
 import os
 import signal
 import sys
@@ -22,11 +23,12 @@ import torchvision
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from augment import IMAGENET_MEAN, IMAGENET_STD, DataAugmentationDINO, EpochSampler, MultiCropDataset
+from augment import IMAGENET_MEAN, IMAGENET_STD, DataAugmentationDINO
 from cli import ConfigError, existing_file, nonneg_int, positive_int
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # apt-get install dataset-fashion-mnist
 DATASET_NAMES = ("fashion_mnist", "cifar10", "cifar100", "stl10")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # ImageFolder's
 
 
 class Datasets(NamedTuple):
@@ -109,11 +111,57 @@ def normalize(images):
 
 
 def image_folder(path):
+    """torchvision's ImageFolder (path/<class>/*.jpg, labels from the class folders), images read by read_image;
+    hidden files and folders skipped, as in image_files."""
+    def is_image(file):
+        return file.lower().endswith(IMAGE_EXTENSIONS) and not any(
+            part.startswith(".") for part in os.path.relpath(file, path).split(os.sep))
     try:
-        return torchvision.datasets.ImageFolder(path, loader=read_image)
+        return torchvision.datasets.ImageFolder(path, loader=read_image, is_valid_file=is_image)
     except (FileNotFoundError, OSError) as e:
-        raise ConfigError(f"no images found in {path} ({e}): --data_path must be a folder of class folders "
-                          f"holding images, or a dataset name ({', '.join(DATASET_NAMES)})") from None
+        raise ConfigError(f"no images found in {path} ({e}): its class folders must hold images with one of the "
+                          f"extensions {' '.join(IMAGE_EXTENSIONS)}") from None
+
+
+def image_files(folder, recursive=True):
+    """The image files in `folder` (and in its sub-folders when recursive), sorted by their path under `folder`:
+    the same order on every machine and in every run, which resume and the per-sample seeding rely on. Hidden files
+    and folders (a name starting with '.') and files of other extensions are not images: skipped, not counted."""
+    found = []
+    for parent, folders, files in os.walk(folder, followlinks=True):
+        folders[:] = [f for f in folders if not f.startswith(".")] if recursive else []
+        found += [os.path.join(parent, f) for f in files if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]
+    if not found:
+        raise ConfigError(f"no image files in {folder}{' or its sub-folders' if recursive else ''} (looked for "
+                          f"{' '.join(IMAGE_EXTENSIONS)}, in any case)")
+    return sorted(found, key=lambda path: os.path.relpath(path, folder).split(os.sep))
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Every image file under a folder, without labels (a folder of photos): items (uint8 (3, H, W), -1)."""
+
+    def __init__(self, folder):
+        self.folder, self.files = folder, image_files(folder)
+        first_error = None
+        for path in self.files:  # one readable image is enough to start; later bad files are skipped in training
+            try:
+                read_image(path)
+                break
+            except UnreadableImage as e:
+                first_error = first_error or e
+        else:
+            raise ConfigError(f"none of the {len(self.files)} image files in {folder} can be read (the first: "
+                              f"{first_error})")
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        return read_image(self.files[i]), -1
+
+    def names(self):
+        """The files' paths relative to the folder, in dataset order."""
+        return [os.path.relpath(path, self.folder) for path in self.files]
 
 
 def build_datasets(data_path, data_root, subset=0):
@@ -145,12 +193,12 @@ def _build_datasets(data_path, data_root):
         raise ConfigError(f"--data_path {data_path!r} is neither a folder nor a known dataset name "
                           f"({', '.join(DATASET_NAMES)})")
     train_dir, val_dir = os.path.join(data_path, "train"), os.path.join(data_path, "val")
-    if os.path.isdir(train_dir):
+    if os.path.isdir(train_dir) and any(entry.is_dir() and not entry.name.startswith(".")
+                                        for entry in os.scandir(train_dir)):  # train/<class>/: labelled
         train = image_folder(train_dir)
         test = image_folder(val_dir) if os.path.isdir(val_dir) else None
         return Datasets(train, train if test else None, test, len(train.classes), 224)
-    train = image_folder(data_path)
-    return Datasets(train, None, None, len(train.classes), 224)
+    return Datasets(ImageFiles(data_path), None, None, 0, 224)  # any other folder: every image under it
 
 
 # --- the training loader (paper Sec. 3.1, multi-crop) ---------------------------------------------------------
@@ -178,19 +226,82 @@ def training_loader(dataset, args, rank, world_size, device):
     return loader, sampler
 
 
-def count_unreadable(messages, skipped, warned, epoch_images, max_fraction):
-    """skipped + the unreadable images of a batch (MultiCropDataset's messages, "" for a read image), warning once
-    per file; ConfigError when more than max_fraction of this process's images of the epoch are unreadable."""
-    for message in filter(None, messages):
-        skipped += 1
-        if message not in warned:
-            warned.add(message)
-            tqdm.write(f"WARNING: skipped an unreadable image (replaced by the next one): {message}", file=sys.stderr)
-    if skipped > max_fraction * epoch_images:
-        raise ConfigError(f"{skipped} unreadable images so far in this epoch, more than --max_bad_fraction "
-                          f"{max_fraction} of its {epoch_images} images (per process): repair or remove the files "
-                          f"named in the warnings, or raise --max_bad_fraction")
-    return skipped
+class MultiCropDataset(torch.utils.data.Dataset):
+    """Wraps a dataset of (image, label); item (epoch, index) -> (crops, params, label, error), reproducibly.
+
+    An image whose loading raises OSError (an empty, truncated or corrupt file) is replaced by the next readable
+    one, cropped with the draws of (epoch, index); `error` is the message naming the file, "" when the image was
+    read. Batches keep their size, runs stay reproducible, and the training loop counts and reports the messages."""
+    def __init__(self, dataset, transform, seed=0):
+        self.dataset, self.transform, self.seed = dataset, transform, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key if isinstance(key, (tuple, list)) else (0, key)  # a plain index means epoch 0
+        # NOTE: the official code draws from the workers' global RNGs; we seed one generator per sample.
+        # SeedSequence mixes the three numbers, so neighbouring (epoch, index) get unrelated streams.
+        seed = np.random.SeedSequence([self.seed, int(epoch), int(index)]).generate_state(1)[0]
+        image, label, error = self.load(index)
+        crops, params = self.transform(image, torch.Generator().manual_seed(int(seed)))
+        return crops, params, label, error
+
+    def load(self, index):
+        """(image, label, "") or, when `index` cannot be read, the next readable index's image and label, and the
+        error message."""
+        # NOTE: the official code (torchvision's ImageFolder with PIL) stops at the first unreadable image.
+        error = ""
+        for k in range(len(self.dataset)):
+            try:
+                return *self.dataset[(index + k) % len(self.dataset)], error
+            except OSError as e:
+                error = error or str(e)
+        raise OSError(f"no image of the dataset can be read; the first error: {error}")
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Yields (epoch, index) for each index of an inner sampler (RandomSampler, DistributedSampler...).
+    The epoch travels in the key because persistent workers never see attributes set in the main process."""
+    def __init__(self, sampler):
+        super().__init__()
+        self.sampler, self.epoch, self.start = sampler, 0, 0
+
+    def set_epoch(self, epoch, start=0):
+        """start: skip the epoch's first `start` indices, those a run stopped in the middle of the epoch has done."""
+        self.epoch, self.start = epoch, start
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        epoch = self.epoch  # fixed when the iteration starts
+        return ((epoch, int(index)) for index in itertools.islice(self.sampler, self.start, None))
+
+    def __len__(self):
+        return len(self.sampler) - self.start
+
+
+class UnreadableImages:
+    """The training loop's account of unreadable files. MultiCropDataset replaces such a file by the next readable
+    one and passes on the message naming it; `count` warns once per file (per run) and stops training with a
+    ConfigError when more than max_fraction of this process's images of an epoch are unreadable."""
+
+    def __init__(self, max_fraction):
+        self.max_fraction, self.warned = max_fraction, set()
+
+    def count(self, messages, skipped, epoch_images):
+        """skipped + the unreadable images among a batch's messages ("" for an image that was read)."""
+        for message in filter(None, messages):
+            skipped += 1
+            if message not in self.warned:
+                self.warned.add(message)
+                tqdm.write(f"WARNING: skipped an unreadable image (replaced by the next one): {message}",
+                           file=sys.stderr)
+        if skipped > self.max_fraction * epoch_images:
+            raise ConfigError(f"{skipped} unreadable images so far in this epoch, more than --max_bad_fraction "
+                              f"{self.max_fraction} of its {epoch_images} images (per process): repair or remove the "
+                              f"files named in the warnings, or raise --max_bad_fraction")
+        return skipped
 
 
 def ignore_stop_signals(worker_id):

@@ -1,31 +1,35 @@
-"""Run control for train.py's loop: everything a step does besides Algorithm 1.
+"""Run control for train.py: everything the training loop does besides Algorithm 1.
 
-    run = RunControl(args, epoch, steps_per_epoch, start_it, totals, stop, save, device)
-    for it, batch in run.steps(micro_batches):      # the progress bar
-        loss, entropy = train_step(...)              # Alg. 1
-        if run.after_step(it, loss, entropy, unreadable):
-            break                                    # stopped by a signal, after a checkpoint
-    stats = run.epoch_stats()
+    run = RunControl(args, training, steps_per_epoch, group)   # training: train.Training; group: gloo or None
+    start_epoch = run.resume()                                  # output_dir/checkpoint.pth, if there is one
+    with run:                                                   # SIGTERM / SIGINT: checkpoint, then stop
+        for epoch in range(start_epoch, args.epochs):
+            for epoch_step, batch in run.steps(epoch, batches):    # the progress bar
+                loss, entropy = train_step(...)                     # Alg. 1
+                if run.after_step(epoch_step, loss, entropy, unreadable):
+                    break                                           # stopped by a signal, after a checkpoint
+            run.end_epoch(run.epoch_stats())                    # log row, checkpoint, curves
 
-After each optimizer step: the running sums of the epoch (kept on the device, read back every --log_every steps),
-the unreadable-image budget, the non-finite-loss guard, the progress bar, the checkpoint every --saveckp_steps
-steps, and SIGTERM / SIGINT turned into "checkpoint after this step and exit" (StopFlag). Also the log rows, the
-epoch's line, and the launch under SLURM (srun's variables as torchrun's).
+It owns: the running sums of the epoch (kept on the device, read back every --log_every steps), the unreadable-image
+budget (data.UnreadableImages), the non-finite-loss guard, the checkpoints (every --saveckp_steps steps, at each
+epoch's end, on a signal), the rows of log.txt and steps.txt, and curves.png. Counters: `step` counts optimizer
+steps from the start of training (the schedules' index), `epoch_step` inside the epoch (0 .. steps_per_epoch - 1).
 """
 import json
 import os
 import signal
-import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import checkpoint
 import data
 import draw
-from cli import ConfigError
+import vit
 from loss import collapse_warning
 
 
@@ -39,65 +43,92 @@ class EpochTotals:
 
 
 class RunControl:
-    """The bookkeeping of one epoch (steps start_it, start_it + 1, ... of steps_per_epoch). save(it, totals)
-    writes a checkpoint that continues at step `it`; stop: a StopFlag, or None."""
+    """The bookkeeping of a whole run. training: what train.build_training returned (its models, optimizer, scaler,
+    loss and schedules are what a checkpoint saves); group: the gloo group of a distributed run, or None."""
 
-    def __init__(self, args, epoch, steps_per_epoch, start_it, totals, stop, save, device, warned, lr, out=None):
-        self.args, self.epoch, self.niter, self.start_it = args, epoch, steps_per_epoch, start_it
-        self.totals = totals or EpochTotals(*torch.zeros(3, device=device).unbind())
-        self.out = out  # rank 0's output folder: every --log_every steps a row of out/steps.txt (curves.png)
-        self.window = (start_it, self.totals.loss.clone(), self.totals.teacher_entropy.clone())
-        self.stop, self.save, self.device, self.warned, self.lr = stop, save, device, warned, lr
-        self.world = dist.get_world_size() if dist.is_initialized() else 1
-        self.images_per_step = args.batch_size_per_gpu * args.grad_accum_steps  # per process
-        self.t0, self.seen, self.stopped_at = time.time(), 0, None
+    def __init__(self, args, training, steps_per_epoch, group=None):
+        self.args, self.training, self.steps_per_epoch, self.group = args, training, steps_per_epoch, group
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        self.out = Path(args.output_dir)
+        self.unreadable = data.UnreadableImages(args.max_bad_fraction)
+        self.stop = StopFlag(group)
+        self.epoch, self.start_step, self.totals = 0, 0, None  # where the next epoch starts (set by resume)
 
-    def steps(self, batches):
-        """(it, batch) for the epoch's remaining steps, with the progress bar (rank 0)."""
+    def __enter__(self):
+        self.stop.__enter__()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stop.__exit__(*exc_info)
+
+    def resume(self):
+        """Continue output_dir/checkpoint.pth when it exists: the epoch to start at (inside it, self.start_step
+        steps are done and their sums restored), or None when it has finished training."""
+        path = self.out / "checkpoint.pth"
+        epoch, self.start_step, saved = checkpoint.resume(path, self.training.state(), self.args, self.rank,
+                                                          self.world, self.training.device)
+        self.totals = saved and EpochTotals(*(saved[k].to(self.training.device)
+                                              for k in ("loss", "teacher_entropy", "nonfinite")), saved["skipped"])
+        if epoch >= self.args.epochs:
+            self.print(f"{path} has finished training: epoch {epoch} of {self.args.epochs}. To train longer, run "
+                       f"again with a larger --epochs; to start afresh, give another --output_dir")
+            return None
+        if epoch or self.start_step:
+            self.print(f"resumed from {path} at epoch {epoch}, step {self.start_step}")
+            if self.rank == 0:
+                trim_log(self.out, epoch, epoch * self.steps_per_epoch + self.start_step)
+        return epoch
+
+    def steps(self, epoch, batches):
+        """(epoch_step, batch) for the epoch's remaining steps, with the progress bar (rank 0)."""
+        self.epoch, self.t0, self.seen, self.stopped_at = epoch, time.time(), 0, None
+        self.totals = self.totals or EpochTotals(*torch.zeros(3, device=self.training.device).unbind())
+        self.window = (self.start_step, self.totals.loss.clone(), self.totals.teacher_entropy.clone())
         # NOTE: under torchrun the bar's loss is rank 0's running mean; the epoch line and log.txt average all ranks
-        label = f"epoch {self.epoch}/{self.args.epochs}" + (" (rank 0)" if self.world > 1 else "")
-        self.bar = tqdm(batches, desc=label, initial=self.start_it, total=self.niter, dynamic_ncols=True,
-                        disable=dist.is_initialized() and dist.get_rank() > 0)
-        for it, batch in enumerate(self.bar, start=self.start_it):
-            if self.stop:
-                self.stop.begin_step()
-            yield it, batch
+        label = f"epoch {epoch}/{self.args.epochs}" + (" (rank 0)" if self.world > 1 else "")
+        self.bar = tqdm(batches, desc=label, initial=self.start_step, total=self.steps_per_epoch, dynamic_ncols=True,
+                        disable=self.rank > 0)
+        for epoch_step, batch in enumerate(self.bar, start=self.start_step):
+            self.stop.begin_step()
+            yield epoch_step, batch
 
-    def after_step(self, it, loss, teacher_entropy, unreadable):
-        """The bookkeeping of step `it`: True when the run stops here (a signal), after a checkpoint."""
-        args, totals, step = self.args, self.totals, self.epoch * self.niter + it
-        totals.skipped = data.count_unreadable(unreadable, totals.skipped, self.warned,
-                                               self.niter * self.images_per_step, args.max_bad_fraction)
+    def after_step(self, epoch_step, loss, teacher_entropy, unreadable):
+        """The bookkeeping of a step: True when the run stops here (a signal), after a checkpoint."""
+        args, totals, step = self.args, self.totals, self.epoch * self.steps_per_epoch + epoch_step
+        images_per_step = args.batch_size_per_gpu * args.grad_accum_steps  # per process
+        totals.skipped = self.unreadable.count(unreadable, totals.skipped, self.steps_per_epoch * images_per_step)
         totals.loss += loss.detach()
         totals.teacher_entropy += teacher_entropy
         totals.nonfinite += ~torch.isfinite(loss.detach())
-        self.seen += self.images_per_step * self.world
-        last = it == self.niter - 1
-        if (it + 1) % args.log_every == 0 or last:
-            self.check_finite(f"loss is {loss.item()} at epoch {self.epoch}, step {it}")  # one sync per log_every
-            self.bar.set_postfix(loss=f"{totals.loss.item() / (it + 1):.4f}", lr=f"{self.lr[step]:.2e}",
-                                 img_s=f"{self.images_per_s():.0f}")
-            self.log_steps(it, step)
+        self.seen += images_per_step * self.world
+        last = epoch_step == self.steps_per_epoch - 1
+        if (epoch_step + 1) % args.log_every == 0 or last:
+            self.check_finite(f"loss is {loss.item()} at epoch {self.epoch}, step {epoch_step}")  # one sync per row
+            self.bar.set_postfix(loss=f"{totals.loss.item() / (epoch_step + 1):.4f}",
+                                 lr=f"{self.training.lr[step]:.2e}", img_s=f"{self.images_per_s():.0f}")
+            self.log_steps(epoch_step, step)
         # NOTE: the official code writes checkpoints only at the end of an epoch and does not catch signals.
-        stopping = self.stop is not None and self.stop.end_step()
+        stopping = self.stop.end_step()
         if not last and (stopping or args.saveckp_steps and (step + 1) % args.saveckp_steps == 0):
             self.check_finite(f"non-finite loss in epoch {self.epoch}")  # never save weights after one
-            self.save(it + 1, totals)  # the end of an epoch has its own checkpoint
+            self.save(self.epoch, epoch_step + 1, totals)  # the end of an epoch has its own checkpoint
         if stopping and not last:
-            self.stopped_at = it + 1
+            self.stopped_at = epoch_step + 1
+            self.report_stop(self.epoch, self.stopped_at)
         return self.stopped_at is not None
 
-    def log_steps(self, it, step):
-        """A row of out/steps.txt: the means over the steps since the last row (this process's)."""
+    def log_steps(self, epoch_step, step):
+        """A row of steps.txt: the means over the steps since the last row (rank 0's)."""
         first, loss_sum, entropy_sum = self.window
-        if self.out is None or it + 1 == first:
+        if self.rank > 0 or epoch_step + 1 == first:
             return
-        n = it + 1 - first
+        n = epoch_step + 1 - first
         loss, entropy = (self.totals.loss - loss_sum).item() / n, (self.totals.teacher_entropy - entropy_sum).item() / n
         with open(self.out / "steps.txt", "a") as f:
             f.write(json.dumps({"step": step + 1, "train_loss": loss, "teacher_entropy": entropy,
-                                "kl_teacher_student": loss - entropy, "train_lr": float(self.lr[step])}) + "\n")
-        self.window = (it + 1, self.totals.loss.clone(), self.totals.teacher_entropy.clone())
+                                "kl_teacher_student": loss - entropy,
+                                "train_lr": float(self.training.lr[step])}) + "\n")
+        self.window = (epoch_step + 1, self.totals.loss.clone(), self.totals.teacher_entropy.clone())
 
     def check_finite(self, what):
         if self.totals.nonfinite.item():
@@ -106,18 +137,53 @@ class RunControl:
     def images_per_s(self):
         return self.seen / max(time.time() - self.t0, 1e-9)
 
-    def epoch_stats(self, wd):
+    def epoch_stats(self):
         """The log.txt figures of the epoch, the same on every rank: mean loss and entropy, unreadable images."""
-        t, step = self.totals, (self.epoch + 1) * self.niter - 1
-        figures = torch.stack([t.loss / self.niter, t.teacher_entropy / self.niter,
-                               torch.tensor(float(t.skipped), device=self.device)])
+        t, step = self.totals, (self.epoch + 1) * self.steps_per_epoch - 1
+        figures = torch.stack([t.loss / self.steps_per_epoch, t.teacher_entropy / self.steps_per_epoch,
+                               torch.tensor(float(t.skipped), device=self.training.device)])
         if dist.is_initialized():
             dist.all_reduce(figures)
-            figures[:2] /= dist.get_world_size()
+            figures[:2] /= self.world
         loss, entropy, skipped = figures.tolist()
-        return {"step": step + 1, "train_loss": loss, "train_lr": float(self.lr[step]), "train_wd": float(wd[step]),
-                "teacher_entropy": entropy, "kl_teacher_student": loss - entropy, "skipped_images": int(skipped),
+        return {"epoch": self.epoch, "step": step + 1, "train_loss": loss, "train_lr": float(self.training.lr[step]),
+                "train_wd": float(self.training.wd[step]), "teacher_entropy": entropy,
+                "kl_teacher_student": loss - entropy, "skipped_images": int(skipped),
                 "images_per_s": round(self.images_per_s(), 1)}
+
+    def end_epoch(self, stats):
+        """The log row and the epoch's line, then the checkpoint (a run killed in between drops the row on resume),
+        then curves.png. True when a signal came during the epoch: the run stops here."""
+        self.start_step, self.totals, epoch = 0, None, self.epoch + 1
+        stats["epoch_time_s"] = round(time.time() - self.t0, 1)  # the k-NN included
+        if self.rank == 0:
+            log(self.out, stats, epoch_message(stats, self.args.out_dim))
+        self.save(epoch, 0, keep=self.args.saveckp_freq and epoch % self.args.saveckp_freq == 0)
+        if self.rank == 0:
+            draw_curves(self.out, self.args.out_dim)
+        if self.stop.stopped and epoch < self.args.epochs:
+            self.report_stop(epoch, 0)
+            return True
+        return False
+
+    def save(self, epoch, epoch_step, totals=None, keep=False):
+        """checkpoint.pth continuing at `epoch_step` of `epoch`; keep: also checkpointXXXX.pth. Every rank calls it
+        (the RNG states are gathered); rank 0 writes."""
+        ckpt = checkpoint.checkpoint_dict(self.training.state(), self.args, epoch, epoch_step,
+                                          totals and asdict(totals), self.training.device, self.group)
+        if self.rank == 0:
+            checkpoint.save_atomic(ckpt, self.out / "checkpoint.pth")
+            if keep:  # NOTE: named for the epochs done (checkpoint0020.pth after 20); the official names a checkpoint
+                # for the epoch index that wrote it (checkpoint0000.pth, 0020, ... when epoch % saveckp_freq == 0)
+                checkpoint.save_atomic(ckpt, self.out / f"checkpoint{epoch:04}.pth")
+
+    def report_stop(self, epoch, epoch_step):
+        self.print(f"stopped by {self.stop.signal or 'a signal to another process'}: {self.out / 'checkpoint.pth'} "
+                   f"continues at epoch {epoch}, step {epoch_step}; to resume, run the same command again")
+
+    def print(self, message):
+        if self.rank == 0:
+            print(message, flush=True)
 
 
 class StopFlag:
@@ -158,11 +224,6 @@ class StopFlag:
             self.stopped = bool(self.flag.item())
         return self.stopped
 
-    def report(self, out, epoch, iteration, main_process):
-        if main_process:
-            print(f"stopped by {self.signal or 'a signal to another process'}: {out / 'checkpoint.pth'} continues "
-                  f"at epoch {epoch}, step {iteration}; to resume, run the same command again", flush=True)
-
 
 def log(out, stats, message=None):
     """Append one JSON row to out/log.txt (the figures of an epoch), and print `message`."""
@@ -197,22 +258,28 @@ def epoch_message(stats, out_dim):
     """The epoch's line, and a warning when the loss and the teacher's entropy show a collapse (Sec. 5.3)."""
     knn = f", k-NN top-1 {stats['knn_top1']:.2f}%" if "knn_top1" in stats else ""
     warning = collapse_warning(stats["train_loss"], stats["teacher_entropy"], out_dim)
-    return f"epoch {stats['epoch']}: loss {stats['train_loss']:.4f}{knn}, {stats['epoch_time_s']} s" + (
+    return f"epoch {stats['epoch']}: loss {stats['train_loss']:.4f} (epoch mean){knn}, {stats['epoch_time_s']} s" + (
         f"\nWARNING: {warning}" if warning else "")
 
 
-def slurm_environment(env):
-    """torchrun's variables from srun's, as the official code reads them: RANK = SLURM_PROCID, WORLD_SIZE =
-    SLURM_NTASKS, LOCAL_RANK = SLURM_LOCALID; MASTER_ADDR: the first node of the job (scontrol), unless set."""
-    master = env.get("MASTER_ADDR")
-    if not master:
-        nodes = env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1"))
-        try:  # node[01-04] -> node01
-            master = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True,
-                                    check=True).stdout.split()[0]
-        except (OSError, subprocess.CalledProcessError, IndexError):
-            if "[" in nodes:
-                raise ConfigError(f"cannot find the first node of {nodes} (no scontrol): set MASTER_ADDR") from None
-            master = nodes.split(",")[0]
-    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"], "LOCAL_RANK": env["SLURM_LOCALID"],
-            "MASTER_ADDR": master, "MASTER_PORT": env.get("MASTER_PORT", "29500")}
+def settings_summary(args, datasets, steps_per_epoch, world_size, device):
+    """The block every run starts with: what it trains on, with what, for how long (what a preset chose included)."""
+    step_images = args.batch_size_per_gpu * world_size * args.grad_accum_steps
+    n = len(datasets.train)
+    knn = (f"k-NN every {args.knn_every} epoch(s): {len(datasets.labelled_test):,} test images against "
+           f"{len(datasets.labelled_train):,}" if datasets.labelled_test is not None and args.knn_every else
+           "no k-NN: --knn_every 0" if args.knn_every else "")
+    if datasets.labelled_test is None:
+        knn = (f"no k-NN: {args.data_path} has no labels (the k-NN needs train/<class>/ and val/<class>/ folders); "
+               f"the curves show loss, teacher entropy and KL")
+    crops = f"2 x {args.global_crop_size} px + {args.local_crops_number} x {args.local_crop_size} px"
+    arch = f"{args.arch}/{args.patch_size}" if args.arch in vit.ARCHS else args.arch
+    depth = f", {args.depth} blocks" if args.depth else ""
+    return "\n".join([
+        f"data: {args.data_path}: {n:,} images; {steps_per_epoch:,} steps of {step_images} per epoch "
+        f"({steps_per_epoch * step_images:,} images, {n - steps_per_epoch * step_images:,} left out by the last "
+        f"partial step)", knn,
+        f"model: {arch}{depth}, out_dim {args.out_dim}, head width {args.head_hidden_dim}; crops {crops}",
+        f"run: {args.epochs} epoch(s), lr {args.lr * step_images / 256:.2e} (base {args.lr} per 256), "
+        f"teacher temp {args.warmup_teacher_temp} -> {args.teacher_temp}, momentum {args.momentum_teacher}, "
+        f"{args.precision} on {device}, {world_size} process(es); output: {args.output_dir}/"]).replace("\n\n", "\n")

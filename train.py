@@ -12,10 +12,7 @@ Shape letters: B images per process, V crops, K out_dim.
 """
 import argparse
 import contextlib
-import json
-import os
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +24,7 @@ import backbone
 import checkpoint
 import cli
 import data
+import distributed
 import run_control
 import vit
 from augment import photometric_views
@@ -34,7 +32,6 @@ from cli import ConfigError
 from eval_knn import knn_top1
 from head import DINOHead, MultiCropWrapper
 from loss import DINOLoss
-from run_control import EpochTotals
 
 # Each named dataset brings a preset; flags given on the command line override it.
 PRESETS = {
@@ -59,8 +56,8 @@ PRESETS["cifar100"] = PRESETS["cifar10"]
 
 
 def get_args_parser():
-    p = cli.ArgumentParser(description="DINO self-supervised training (Caron et al. 2021)",
-                           epilog="dataset presets (explicit flags win): " + json.dumps(PRESETS))
+    p = cli.ArgumentParser(description="DINO self-supervised training (Caron et al. 2021). A named --data_path brings "
+                           "a preset (the default run: fashion_mnist's); flags given on the command line win.")
     add_model_args(p.add_argument_group("model and loss (paper Sec. 3.1, 3.2)"))
     pos, nonneg, nonnegf, unit = cli.positive_int, cli.nonneg_int, cli.nonneg_float, cli.unit_float
     g = p.add_argument_group("optimization (Sec. 3.2 'Implementation details')")
@@ -94,7 +91,14 @@ def get_args_parser():
     g = p.add_argument_group("data, logging, checkpoints")
     g.add_argument("--data_path", default="fashion_mnist", help=f"{', '.join(data.DATASET_NAMES)} or a folder")
     g.add_argument("--data_root", default="data", help="where named datasets are looked for / downloaded")
-    g.add_argument("--output_dir", default="output")
+    g.add_argument("--output_dir", default="output", help="checkpoint.pth, log.txt, steps.txt, curves.png; a "
+                   "checkpoint.pth there is resumed")
+    g.add_argument("--init_weights", type=cli.existing_file, default=None, help="start a new run from weights: a "
+                   "training checkpoint (ours, or an official *_full_checkpoint.pth: student, teacher, heads, center) "
+                   "or a backbone file (dino_deitsmall16_pretrain.pth, exported weights: the heads start fresh); not "
+                   "a resume: epochs, schedules and optimizer start anew")
+    g.add_argument("--fresh_head", action="store_true", help="with --init_weights: take only the backbones, the "
+                   "heads start at random init (for another --out_dim)")
     g.add_argument("--saveckp_freq", type=nonneg, default=20, help="keep checkpointXXXX.pth every N epochs; 0: off")
     g.add_argument("--saveckp_steps", type=nonneg, default=0,
                    help="also write checkpoint.pth every N optimizer steps (resumed inside the epoch); 0: off")
@@ -106,6 +110,15 @@ def get_args_parser():
     g.add_argument("--seed", type=nonneg, default=0)
     g.add_argument("--num_workers", type=nonneg, default=10, help="DataLoader workers per process")
     g.add_argument("--device", type=cli.device, default=None, help="cuda or cpu (default: cuda when available)")
+    for action in p._actions:  # --help says what the no-flag run (fashion_mnist's preset) and the others use
+        values = {}
+        for name, preset in PRESETS.items():
+            if action.dest in preset:
+                values.setdefault(str(preset[action.dest]), []).append(name)
+        if values:
+            presets = "; ".join(f"{', '.join(names)}: {value}" for value, names in values.items())
+            presets = presets.replace("fashion_mnist", "fashion_mnist (the no-flag run)")
+            action.help += f" [{presets}]" if "default" in action.help else f" (default: {action.default}; {presets})"
     return p
 
 
@@ -147,23 +160,7 @@ def parse_args(argv=None):
     return args
 
 
-# --- distributed and precision ---------------------------------------------------------------------------
-def setup_distributed(args):
-    """(device, rank, world_size, cpu_group). torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; srun sets the SLURM_*
-    variables (run_control.slurm_environment); with neither: one process, no process group. cpu_group: a gloo group for small
-    CPU messages that must not wait for the GPU."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if "RANK" not in os.environ and int(os.environ.get("SLURM_NTASKS", 1)) > 1:
-        os.environ.update(run_control.slurm_environment(os.environ))
-    if "RANK" not in os.environ:
-        return device, 0, 1, None
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    return device, dist.get_rank(), dist.get_world_size(), dist.new_group(backend="gloo")
-
-
+# --- precision ----------------------------------------------------------------------------------------------
 def setup_precision(args, device):
     """(autocast, GradScaler): one code path for fp32, bf16 and fp16 (the scaler does nothing but for fp16)."""
     if args.precision == "auto":
@@ -177,11 +174,11 @@ def setup_precision(args, device):
 # --- student and teacher, optimizer and schedules ----------------------------------------------------------
 @dataclass
 class Training:
-    """Everything a step of Alg. 1 uses; the schedules hold one value per iteration of the whole run."""
+    """Everything a step of Alg. 1 uses; the schedules hold one value per optimizer step of the whole run."""
     args: argparse.Namespace
-    student: nn.Module  # MultiCropWrapper(ViT, DINOHead), wrapped in DDP when distributed
+    student: nn.Module  # MultiCropWrapper(backbone, DINOHead), wrapped in DDP when distributed
     teacher: nn.Module  # the same architecture: no drop path, no gradient, updated by EMA only
-    dino_loss: DINOLoss
+    dino_loss: DINOLoss  # holds the center
     optimizer: torch.optim.Optimizer
     lr: np.ndarray
     wd: np.ndarray
@@ -189,18 +186,23 @@ class Training:
     autocast: torch.autocast
     scaler: torch.amp.GradScaler
     device: torch.device
-    warned: set = field(default_factory=set)  # unreadable files already reported
+
+    def state(self):
+        """What a checkpoint saves and resume loads (the student unwrapped from DDP)."""
+        return dict(student=getattr(self.student, "module", self.student), teacher=self.teacher,
+                    optimizer=self.optimizer, scaler=self.scaler, dino_loss=self.dino_loss)
 
 
-def build_training(args, device, world_size=1, distributed=False, niter=1):
-    """The student and the teacher (starting equal), the loss, the optimizer and the per-iteration schedules."""
-    student = backbone.build(args.arch, args.patch_size, args.depth, args.drop_path_rate)  # drop path: ViTs only
-    teacher = backbone.build(args.arch, args.patch_size, args.depth, 0.0)
-    head = lambda norm_last_layer: DINOHead(width, args.out_dim, args.use_bn_in_head, norm_last_layer,
-                                            hidden_dim=args.head_hidden_dim)
-    width = student.embed_dim
-    student = MultiCropWrapper(student, head(args.norm_last_layer)).to(device)
-    teacher = MultiCropWrapper(teacher, head(True)).to(device)  # no gradient reaches it anyway
+def build_training(args, device, world_size=1, distributed=False, steps_per_epoch=1):
+    """The student and the teacher (starting equal), the loss, the optimizer and the per-step schedules."""
+    def network(drop_path_rate, norm_last_layer):  # drop path: ViTs only
+        model = backbone.build(args.arch, args.patch_size, args.depth, drop_path_rate)
+        head = DINOHead(model.embed_dim, args.out_dim, args.use_bn_in_head, norm_last_layer,
+                        hidden_dim=args.head_hidden_dim)
+        return MultiCropWrapper(model, head).to(device)
+
+    student = network(args.drop_path_rate, args.norm_last_layer)
+    teacher = network(0.0, True)  # no drop path; the norm of its last layer: no gradient reaches it anyway
     if distributed and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in student.modules()):
         student, teacher = map(nn.SyncBatchNorm.convert_sync_batchnorm, (student, teacher))
     student_ddp = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda"
@@ -216,20 +218,40 @@ def build_training(args, device, world_size=1, distributed=False, niter=1):
     optimizer = (torch.optim.AdamW(param_groups(student), fused=True) if args.optimizer == "adamw"
                  else torch.optim.SGD(param_groups(student), lr=0, momentum=0.9))
     # linear scaling rule (Sec. 3.2): lr = base lr * total batch / 256, the batch of one optimizer step
-    lr = cosine_scheduler(args.lr * args.batch_size_per_gpu * world_size * args.grad_accum_steps / 256, args.min_lr, args.epochs, niter,
-                          args.warmup_epochs)
-    wd = cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, niter)
-    momentum = cosine_scheduler(args.momentum_teacher, 1.0, args.epochs, niter)
-    return Training(args, student_ddp, teacher, dino_loss, optimizer, lr, wd, momentum, *setup_precision(args, device),
-                    device)
+    total_batch = args.batch_size_per_gpu * world_size * args.grad_accum_steps
+    lr = cosine_scheduler(args.lr * total_batch / 256, args.min_lr, args.epochs, steps_per_epoch, args.warmup_epochs)
+    wd = cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, steps_per_epoch)
+    momentum = cosine_scheduler(args.momentum_teacher, 1.0, args.epochs, steps_per_epoch)
+    return Training(args, student_ddp, teacher, dino_loss, optimizer, lr, wd, momentum,
+                    *setup_precision(args, device), device)
 
 
-def cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epochs=0, start_warmup_value=0.0):
-    """One value per iteration: linear warm-up, then final + (base - final) * (1 + cos(pi * t / T)) / 2."""
-    warmup_iters = int(warmup_epochs * niter_per_ep)  # NOTE: a fraction of an epoch is allowed (short runs)
-    warmup = np.linspace(start_warmup_value, base_value, warmup_iters)
-    t = np.arange(epochs * niter_per_ep - warmup_iters)
-    cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * t / max(len(t), 1)))
+def start_from_weights(training, path, fresh_head=False):
+    """--init_weights: the student, the teacher, their heads and the center from a training checkpoint (ours or an
+    official *_full_checkpoint.pth), or both backbones from a backbone file (the heads stay at random init). A
+    new run, not a resume: epochs, schedules, optimizer and random generators start anew. Returns what was loaded."""
+    student, teacher = training.state()["student"], training.teacher
+    weights = checkpoint.training_weights(path)
+    hint = "check --arch, --patch_size, --depth, --out_dim and --head_hidden_dim, or --fresh_head for a new head"
+    if "student" in weights and not fresh_head:
+        checkpoint.load_strict(student, weights["student"], f"{path} (student)", hint)
+        checkpoint.load_strict(teacher, weights["teacher"], f"{path} (teacher)", hint)
+        if weights["center"] is not None:
+            checkpoint.load_strict(training.dino_loss, {"center": weights["center"]}, f"{path} (center)", hint)
+        return "student, teacher, heads" + (" and center" if weights["center"] is not None else "")
+    for net, name in ((student, "student"), (teacher, "teacher")):
+        part = weights.get(name, weights.get("backbone"))
+        checkpoint.load_strict(net.backbone, checkpoint.backbone_state_dict(part), f"{path} ({name})", hint)
+    teacher.head.load_state_dict(student.head.state_dict())
+    return "backbones; the heads start at random init" + (" (--fresh_head)" if fresh_head else " (a backbone file)")
+
+
+def cosine_scheduler(base_value, final_value, epochs, steps_per_epoch, warmup_epochs=0, start_warmup_value=0.0):
+    """One value per optimizer step: linear warm-up, then final + (base - final) * (1 + cos(pi * i / I)) / 2."""
+    warmup_steps = int(warmup_epochs * steps_per_epoch)  # NOTE: a fraction of an epoch is allowed (short runs)
+    warmup = np.linspace(start_warmup_value, base_value, warmup_steps)
+    i = np.arange(epochs * steps_per_epoch - warmup_steps)
+    cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * i / max(len(i), 1)))
     return np.concatenate((warmup, cosine))
 
 
@@ -258,135 +280,97 @@ def ema_update(teacher, student, m):
 
 
 # --- the step (Alg. 1) and the epoch ------------------------------------------------------------------------
-def train_step(t, micro_batches, epoch, step):
-    """One optimizer step of Alg. 1 on N micro-batches [(crops, params), ...]: exactly one step on their union.
-
-    The gradient is the mean of the micro-batches' (DDP averages it over processes on the last one only); the
-    teacher and the center stay fixed until the step is taken, then the EMA moves once and the center once, from
-    the teacher outputs of all micro-batches of all processes. Returns (loss, teacher entropy), micro-batch means.
-    """
-    for i, group in enumerate(t.optimizer.param_groups):  # the schedules, per optimizer step
-        group["lr"] = float(t.lr[step])
-        if i == 0:  # only the regularized group
-            group["weight_decay"] = float(t.wd[step])
-    t.optimizer.zero_grad(set_to_none=True)
-    n, loss_sum, entropy_sum, teacher_sum, count = len(micro_batches), 0.0, 0.0, 0.0, 0
+def train_step(training, micro_batches, epoch, step):
+    """One optimizer step of Alg. 1 (optimizer step `step` of the run) on N micro-batches [(crops, params), ...]:
+    exactly one step on their union. The gradient is the mean of the micro-batches' (DDP averages it over processes
+    on the last one only); the teacher and the center stay fixed until the student has moved, then the EMA moves
+    once and the center once, from the teacher outputs of all micro-batches of all processes.
+    Returns (loss, teacher entropy), micro-batch means."""
+    args, student, teacher, dino_loss = training.args, training.student, training.teacher, training.dino_loss
+    set_schedules(training, step)
+    training.optimizer.zero_grad(set_to_none=True)
+    n, loss_sum, entropy_sum = len(micro_batches), 0.0, 0.0
     for i, (crops, params) in enumerate(micro_batches):
-        views = photometric_views(crops, params, t.device)  # V x (B, 3, S, S), normalized
-        sync = i == n - 1 or not hasattr(t.student, "no_sync")  # DDP: all-reduce the gradients once, at the end
-        with contextlib.nullcontext() if sync else t.student.no_sync():
-            with t.autocast:
-                teacher_output = t.teacher(views[:2])  # (2B, K): the teacher sees only the global crops
-                student_output = t.student(views)  # (VB, K)
-                loss, entropy = t.dino_loss(student_output, teacher_output, epoch, update_center=False)
-            t.scaler.scale(loss / n).backward()
-        teacher_sum = teacher_sum + teacher_output.detach().float().sum(dim=0, keepdim=True)  # (1, K)
-        count += len(teacher_output)
-        loss_sum, entropy_sum = loss_sum + loss.detach(), entropy_sum + entropy
-    if t.args.clip_grad:
-        t.scaler.unscale_(t.optimizer)
-        clip_gradients(t.student, t.args.clip_grad)
-    if epoch < t.args.freeze_last_layer:  # the last layer gets no update in the first epochs (Appendix)
-        for name, p in t.student.named_parameters():
+        views = photometric_views(crops, params, training.device)  # V x (B, 3, S, S): x1, x2 globals, then locals
+        sync = i == n - 1 or not hasattr(student, "no_sync")  # DDP: all-reduce the gradients once, at the end
+        with contextlib.nullcontext() if sync else student.no_sync(), training.autocast:
+            teacher_output = teacher(views[:2])  # (2B, K) t1, t2: the teacher sees only the global crops
+            student_output = student(views)  # (VB, K) s1, s2, ...: the student sees all crops
+            loss = dino_loss(student_output, teacher_output, epoch, update_center=False)  # H(t_i, s_v), v != i
+        training.scaler.scale(loss / n).backward()  # back-propagate
+        loss_sum, entropy_sum = loss_sum + loss.detach(), entropy_sum + dino_loss.teacher_entropy
+    if args.clip_grad:
+        training.scaler.unscale_(training.optimizer)
+        clip_gradients(student, args.clip_grad)
+    if epoch < args.freeze_last_layer:  # official code: the last layer gets no update in the first epochs
+        for name, p in student.named_parameters():
             if "last_layer" in name:
                 p.grad = None
-    t.scaler.step(t.optimizer)
-    t.scaler.update()
-    t.dino_loss.update_center(teacher_sum, count)  # c <- m c + (1 - m) mean of the step's teacher outputs
-    ema_update(t.teacher, getattr(t.student, "module", t.student), t.momentum[step])  # DDP unwrapped
+    training.scaler.step(training.optimizer)  # update(gs): the student
+    training.scaler.update()
+    ema_update(teacher, getattr(student, "module", student), training.momentum[step])  # gt = l gt + (1 - l) gs
+    dino_loss.update_center()  # C = m C + (1 - m) mean of the step's teacher outputs
     return loss_sum / n, entropy_sum / n
 
 
-def train_one_epoch(t, loader, epoch, run):
-    """The epoch's optimizer steps from run.start_it, each on --grad_accum_steps micro-batches of the loader: its
-    stats for log.txt, or None when a signal stopped it (after a checkpoint). run: a RunControl."""
-    n = t.args.grad_accum_steps
-    for it, micro_batches in run.steps(zip(*[iter(loader)] * n)):  # n consecutive batches, the rest dropped
-        step = epoch * run.niter + it  # index into the per-step schedules
-        loss, entropy = train_step(t, [(crops, params) for crops, params, _, _ in micro_batches], epoch, step)
-        if run.after_step(it, loss, entropy, [u for *_, unreadable in micro_batches for u in unreadable]):
+def set_schedules(training, step):
+    """The lr and weight decay of optimizer step `step` (weight decay only on the regularized group)."""
+    for i, group in enumerate(training.optimizer.param_groups):
+        group["lr"] = float(training.lr[step])
+        if i == 0:
+            group["weight_decay"] = float(training.wd[step])
+
+
+def train_one_epoch(training, loader, epoch, run):
+    """The epoch's optimizer steps from run.start_step, each on --grad_accum_steps micro-batches of the loader: its
+    figures for log.txt, or None when a signal stopped it (after a checkpoint). run: a run_control.RunControl."""
+    n, steps_per_epoch = training.args.grad_accum_steps, run.steps_per_epoch
+    for epoch_step, micro_batches in run.steps(epoch, zip(*[iter(loader)] * n)):  # n consecutive batches
+        loss, entropy = train_step(training, [(crops, params) for crops, params, _, _ in micro_batches], epoch,
+                                   epoch * steps_per_epoch + epoch_step)
+        if run.after_step(epoch_step, loss, entropy, [u for *_, unreadable in micro_batches for u in unreadable]):
             return None
-    return run.epoch_stats(t.wd)
-
-
-# --- resume and save -----------------------------------------------------------------------------------------
-def resume(state, args, out, rank, world_size, device, steps_per_epoch):
-    """(epoch, step, running sums) where training continues: at an epoch's end, or inside one (its first steps done,
-    their sums saved); None when the checkpoint has finished training (a run of the same command again)."""
-    start_epoch, start_it, saved = checkpoint.resume(out / "checkpoint.pth", state, args, rank, world_size, device)
-    totals = saved and EpochTotals(*(saved[k].to(device) for k in ("loss", "teacher_entropy", "nonfinite")),
-                                   saved["skipped"])
-    if start_epoch >= args.epochs:
-        if rank == 0:
-            print(f"{out / 'checkpoint.pth'} has finished training: epoch {start_epoch} of {args.epochs}. To train "
-                  f"longer, run again with a larger --epochs; to start afresh, give another --output_dir")
-        return None
-    if rank == 0 and (start_epoch or start_it):
-        print(f"resumed from {out / 'checkpoint.pth'} at epoch {start_epoch}, step {start_it}")
-        run_control.trim_log(out, start_epoch, start_epoch * steps_per_epoch + start_it)
-    return start_epoch, start_it, totals
-
-
-def save_checkpoint(state, args, epoch, iteration, totals, device, group, keep=False):
-    """checkpoint.pth continuing at step `iteration` of `epoch`; keep: also checkpointXXXX.pth. Every rank calls it
-    (the RNG states are gathered); rank 0 writes."""
-    ckpt = checkpoint.checkpoint_dict(state, args, epoch, iteration, totals and asdict(totals), device, group)
-    if group is None or dist.get_rank() == 0:
-        out = Path(args.output_dir)
-        checkpoint.save_atomic(ckpt, out / "checkpoint.pth")
-        if keep:  # NOTE: named for the epochs done (checkpoint0020.pth after 20); the official names a checkpoint
-            # for the epoch index that wrote it (checkpoint0000.pth, 0020, ... when epoch % saveckp_freq == 0)
-            checkpoint.save_atomic(ckpt, out / f"checkpoint{epoch:04}.pth")
+    return run.epoch_stats()
 
 
 # --- the training script: Alg. 1 ----------------------------------------------------------------------------
 def main(argv=None):
     args = parse_args(argv)
-    device, rank, world_size, cpu_group = setup_distributed(args)
-    main_process, out = rank == 0, Path(args.output_dir)
+    device, rank, world_size, cpu_group = distributed.setup(args.device)
     torch.manual_seed(args.seed + rank)  # init is overwritten by DDP's broadcast; drop path differs per rank
-    if main_process:
-        checkpoint.check_writable(out)
+    if rank == 0:
+        checkpoint.check_writable(Path(args.output_dir))
     datasets = data.build_datasets(args.data_path, args.data_root, args.subset)
     loader, sampler = data.training_loader(datasets.train, args, rank, world_size, device)
-    steps_per_epoch = len(loader) // args.grad_accum_steps  # optimizer steps
-    t = build_training(args, device, world_size, cpu_group is not None, steps_per_epoch)
-
-    state = dict(student=getattr(t.student, "module", t.student), teacher=t.teacher, optimizer=t.optimizer,
-                 scaler=t.scaler, dino_loss=t.dino_loss)
-    start = resume(state, args, out, rank, world_size, device, steps_per_epoch)
-    if start is None:
+    steps_per_epoch = len(loader) // args.grad_accum_steps
+    training = build_training(args, device, world_size, cpu_group is not None, steps_per_epoch)
+    run = run_control.RunControl(args, training, steps_per_epoch, cpu_group)
+    run.print(run_control.settings_summary(args, datasets, steps_per_epoch, world_size, device))
+    if args.init_weights and (Path(args.output_dir) / "checkpoint.pth").exists():
+        run.print(f"--init_weights {args.init_weights} is not used: {args.output_dir}/checkpoint.pth exists and "
+                  f"training continues from it")
+    elif args.init_weights:
+        run.print(f"started from --init_weights {args.init_weights}: "
+                  f"{start_from_weights(training, args.init_weights, args.fresh_head)}")
+    start_epoch = run.resume()
+    if start_epoch is None:
         return
-    start_epoch, start_it, totals = start
-    save = lambda epoch, it, sums, keep=False: save_checkpoint(state, args, epoch, it, sums, device, cpu_group, keep)
-    knn = (lambda: knn_top1(t.teacher.backbone, datasets, args.global_crop_size, device)) \
+    knn = (lambda: knn_top1(training.teacher.backbone, datasets, args.global_crop_size, device)) \
         if datasets.labelled_test is not None and args.knn_every else None
-    if knn and start_epoch == start_it == 0:
+    if knn and start_epoch == run.start_step == 0:
         top1 = knn()
-        if main_process:
-            run_control.log(out, {"epoch": -1, "step": 0, "knn_top1": top1}, f"k-NN top-1 before training: {top1:.2f}%")
-    with run_control.StopFlag(cpu_group) as stop:
+        if rank == 0:
+            run_control.log(run.out, {"epoch": -1, "step": 0, "knn_top1": top1},
+                            f"k-NN top-1 before training: {top1:.2f}%")
+    with run:
         for epoch in range(start_epoch, args.epochs):
-            sampler.set_epoch(epoch, start=start_it * args.batch_size_per_gpu * args.grad_accum_steps)
-            t0 = time.time()
-            run = run_control.RunControl(args, epoch, steps_per_epoch, start_it, totals, stop,
-                                         lambda it, sums: save(epoch, it, sums), device, t.warned, t.lr,
-                                         out if main_process else None)
-            stats = train_one_epoch(t, loader, epoch, run)
-            start_it, totals, last = 0, None, epoch == args.epochs - 1
+            sampler.set_epoch(epoch, start=run.start_step * args.batch_size_per_gpu * args.grad_accum_steps)
+            stats = train_one_epoch(training, loader, epoch, run)
             if stats is None:  # stopped by SIGTERM / SIGINT, after a checkpoint at that step
-                stop.report(out, epoch, run.stopped_at, main_process)
                 break
-            if knn and ((epoch + 1) % args.knn_every == 0 or last):
+            if knn and ((epoch + 1) % args.knn_every == 0 or epoch == args.epochs - 1):
                 stats["knn_top1"] = knn()
-            if main_process:  # the log row, then the checkpoint: a run killed in between drops the row on resume
-                stats = dict(stats, epoch=epoch, epoch_time_s=round(time.time() - t0, 1))
-                run_control.log(out, stats, run_control.epoch_message(stats, args.out_dim))
-            save(epoch + 1, 0, None, keep=args.saveckp_freq and (epoch + 1) % args.saveckp_freq == 0)
-            if main_process:
-                run_control.draw_curves(out, args.out_dim)
-            if stop.stopped and not last:
-                stop.report(out, epoch + 1, 0, main_process)
+            if run.end_epoch(stats):  # log row, checkpoint, curves; True: stopped by a signal
                 break
     if cpu_group is not None:
         dist.destroy_process_group()

@@ -9,8 +9,8 @@ import torchvision.transforms as T
 import torchvision.transforms.v2.functional as TF
 
 import augment
-from augment import (PARAM_COLUMNS, DataAugmentationDINO, EpochSampler, MultiCropDataset, photometric,
-                     random_resized_crop_box)
+from augment import PARAM_COLUMNS, DataAugmentationDINO, photometric, random_resized_crop_box
+from data import EpochSampler, MultiCropDataset
 
 COL = {name: i for i, name in enumerate(PARAM_COLUMNS)}
 

@@ -3,7 +3,7 @@ untested code). Two processes started as srun starts them train as one: tests/te
 import pytest
 import torch
 
-import run_control
+import distributed
 import train
 from conftest import TINY_TRAIN, load, read_rows
 
@@ -13,7 +13,7 @@ FLAGS = TINY_TRAIN + ["--subset", "64", "--epochs", "1", "--drop_path_rate", "0"
 
 def test_slurm_variables_become_torchruns():
     env = {"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu07,gpu08"}
-    assert run_control.slurm_environment(env) == {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1",
+    assert distributed.slurm_environment(env) == {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1",
                                                   "MASTER_ADDR": "gpu07", "MASTER_PORT": "29500"}
 
 

@@ -24,14 +24,14 @@ def tiny_dino(norm_last_layer=True, seed=0):
 def test_lr_warms_up_linearly_then_decays_by_cosine():
     """Paper Sec. 3.2: "The learning rate is linearly ramped up during the first 10 epochs to its base value ...
     After this warmup, we decay the learning rate with a cosine schedule"; one value per iteration."""
-    base, final, epochs, niter, warmup, start = 1.0, 0.1, 6, 10, 2, 0.2
-    s = np.asarray(cosine_scheduler(base, final, epochs, niter, warmup_epochs=warmup, start_warmup_value=start))
-    assert len(s) == epochs * niter
-    w = warmup * niter
+    base, final, epochs, steps_per_epoch, warmup, start = 1.0, 0.1, 6, 10, 2, 0.2
+    s = np.asarray(cosine_scheduler(base, final, epochs, steps_per_epoch, warmup_epochs=warmup, start_warmup_value=start))
+    assert len(s) == epochs * steps_per_epoch
+    w = warmup * steps_per_epoch
     np.testing.assert_allclose(s[:w], np.linspace(start, base, w), atol=1e-12)
     assert s[w] == pytest.approx(base, abs=1e-12)  # the cosine part starts at base
     assert np.all(np.diff(s[w:]) < 0)  # and decreases monotonically
-    T = epochs * niter - w
+    T = epochs * steps_per_epoch - w
     assert s[w + T // 2] == pytest.approx((base + final) / 2, abs=1e-12)  # half-way down at half the time
 
 
