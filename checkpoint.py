@@ -8,6 +8,7 @@
 - Training state (`checkpoint_dict`, `resume`) holds what a resumed run needs to continue bit for bit, inside an
   epoch too: models, optimizer, scaler, center, RNG states and running sums of every rank. It is written
   atomically (`save_atomic`); `check_resumable` refuses a checkpoint that the current flags cannot continue.
+- `to_timm`, `to_transformers` and back (`from_timm`...): a ViT under timm's and transformers' names, checked whole.
 """
 import argparse
 import os
@@ -191,3 +192,144 @@ def check_resumable(ckpt, args, world_size):
     if diff:
         raise ConfigError(f"{args.output_dir}/checkpoint.pth was trained with other settings ({'; '.join(diff)}): "
                           f"use another --output_dir or the same flags")
+
+
+# --- other libraries' layouts: timm and Hugging Face transformers ----------------------------------------------
+# One ViT, two sets of names. timm's DINO models (vit_small_patch16_224.dino..., created with num_classes=0) have
+# exactly the official names and shapes (checked with timm 1.0.31): their map is the identity, behind the same
+# strict checks. transformers' ViTModel renames every tensor and splits qkv into query, key and value. Its files
+# (facebook/dino-vits16, save_pretrained) use HF_BLOCK's first names in every version; since transformers 5 a
+# model in memory names block i `layers.i.` and uses the second ones. Its from_pretrained reads both.
+HF_TOP = {"cls_token": "embeddings.cls_token", "pos_embed": "embeddings.position_embeddings",
+          "patch_embed.proj.weight": "embeddings.patch_embeddings.projection.weight",
+          "patch_embed.proj.bias": "embeddings.patch_embeddings.projection.bias",
+          "norm.weight": "layernorm.weight", "norm.bias": "layernorm.bias"}
+HF_BLOCK = {  # blocks.i.<part> -> (encoder.layer.i.<names in files>, layers.i.<names in memory, transformers >= 5>)
+    "norm1": (["layernorm_before"], ["layernorm_before"]),
+    "attn.qkv": (["attention.attention.query", "attention.attention.key", "attention.attention.value"],
+                 ["attention.q_proj", "attention.k_proj", "attention.v_proj"]),
+    "attn.proj": (["attention.output.dense"], ["attention.o_proj"]),
+    "norm2": (["layernorm_after"], ["layernorm_after"]),
+    "mlp.fc1": (["intermediate.dense"], ["mlp.fc1"]),
+    "mlp.fc2": (["output.dense"], ["mlp.fc2"]),
+}
+
+
+def transformers_names(name, in_memory=False):
+    """The transformers names of the official tensor `name`: three for attn.qkv (query, key, value), else one."""
+    if name in HF_TOP:
+        return [HF_TOP[name]]
+    _, i, rest = name.split(".", 2)  # blocks.<i>.<part>.<weight|bias>
+    part, kind = rest.rsplit(".", 1)
+    block = f"layers.{i}" if in_memory else f"encoder.layer.{i}"
+    return [f"{block}.{p}.{kind}" for p in HF_BLOCK[part][in_memory]]
+
+
+def official_names(name):
+    """The official (and timm's) names of the official tensor `name`: itself."""
+    return [name]
+
+
+def vit_shapes(sd, names, what):
+    """Official name -> shape of the ViT that `sd` holds, in the layout where the official tensor n is names(n)[0]:
+    width D, channels and patch p from the patch embedding, 1 + patches from the position embedding, MLP width from
+    block 0, depth from the highest block number. ConfigError when these tensors are not there."""
+    anchors = {names(n)[0]: ndim for n, ndim in [("patch_embed.proj.weight", 4), ("pos_embed", 3),
+                                                 ("blocks.0.mlp.fc1.weight", 2)]}
+    if absent := [a for a, ndim in anchors.items() if a not in sd or sd[a].ndim != ndim]:
+        raise ConfigError(f"{what} is not a ViT in this layout: no {' or '.join(absent)} (its first keys: "
+                          f"{', '.join(list(sd)[:4])})")
+    (D, c, p, _), (_, positions, _), (hidden, _) = (sd[a].shape for a in anchors)
+    block = ("blocks.", "encoder.layer.", "layers.")  # block i in the official, transformers' file and memory names
+    numbers = [k.removeprefix("encoder.").split(".")[1] for k in sd if k.startswith(block)]
+    depth = 1 + max(int(n) for n in numbers if n.isdigit())
+    shapes = {"cls_token": (1, 1, D), "pos_embed": (1, positions, D), "patch_embed.proj.weight": (D, c, p, p),
+              "patch_embed.proj.bias": (D,)}
+    for i in range(depth):  # (output, input) of each part; a LayerNorm has no input
+        for part, out, inp in [("norm1", D, None), ("attn.qkv", 3 * D, D), ("attn.proj", D, D), ("norm2", D, None),
+                               ("mlp.fc1", hidden, D), ("mlp.fc2", D, hidden)]:
+            shapes[f"blocks.{i}.{part}.weight"] = (out, inp) if inp else (out,)
+            shapes[f"blocks.{i}.{part}.bias"] = (out,)
+    return shapes | {"norm.weight": (D,), "norm.bias": (D,)}
+
+
+def describe_vit(shapes):
+    """'a ViT of width D, patch p, n blocks' from official name -> shape."""
+    depth = sum(k.endswith(".norm1.weight") for k in shapes)
+    return f"a ViT of width {shapes['cls_token'][2]}, patch {shapes['patch_embed.proj.weight'][2]}, {depth} blocks"
+
+
+def check_layout(sd, expected, what):
+    """Nothing if `sd` has exactly the names and shapes of `expected` (name -> shape), else a one-line ConfigError
+    that counts the missing keys, the keys left over and the wrong shapes, and names the first four of each."""
+    found = {"missing keys": [k for k in expected if k not in sd],
+             "unexpected keys": [k for k in sd if k not in expected],
+             "wrong shapes (file vs expected)": [f"{k} {tuple(sd[k].shape)} vs {s}" for k, s in expected.items()
+                                                 if k in sd and tuple(sd[k].shape) != s]}
+    problems = [f"{label} {len(items)} ({', '.join(items[:4])}{', ...' if len(items) > 4 else ''})"
+                for label, items in found.items() if items]
+    if problems:
+        raise ConfigError(f"{what} is not whole, and nothing of it is converted: {'; '.join(problems)}")
+
+
+def from_official(sd, names):
+    """The official state dict `sd` under the names given by names(official name), every tensor checked."""
+    shapes = vit_shapes(sd, official_names, "the official state dict")
+    check_layout(sd, shapes, f"the official state dict ({describe_vit(shapes)})")
+    out = {}
+    for name in shapes:
+        new = names(name)
+        # attn.qkv (3D, D) -> query, key, value (D, D) each: vit.py's reshape (B, N, 3, H, D/H) puts q, k, v outermost.
+        # Copies, so that each owns its memory (safetensors refuses tensors that share it).
+        out |= dict(zip(new, [sd[name]] if len(new) == 1 else [t.clone() for t in sd[name].chunk(len(new))]))
+    return out
+
+
+def to_official(sd, names, layout):
+    """A state dict of `layout`, where the official tensor n is called names(n), under the official names, every
+    tensor checked."""
+    shapes = vit_shapes(sd, names, f"the {layout} state dict")
+    expected = {}
+    for name, (rows, *rest) in shapes.items():  # attn.qkv (3D, D) = query, key, value (D, D) each
+        expected |= {n: (rows // len(names(name)), *rest) for n in names(name)}
+    check_layout(sd, expected, f"the {layout} state dict ({describe_vit(shapes)})")
+    # query, key, value (D, D) each -> attn.qkv (3D, D), concatenated in this order
+    return {name: sd[names(name)[0]] if len(names(name)) == 1 else torch.cat([sd[n] for n in names(name)])
+            for name in shapes}
+
+
+def to_timm(sd):
+    """An official state dict under timm's names: the same ones (timm's DINO models use the official names), checked."""
+    return from_official(sd, official_names)
+
+
+def from_timm(sd):
+    """A timm state dict (vit_*.dino, num_classes=0) under the official names: the same ones, checked. A `head.*`
+    (num_classes > 0) or `fc_norm.*` (global_pool='avg') is refused by name: DINO's backbone has neither."""
+    return to_official(sd, official_names, "timm")
+
+
+def to_transformers(sd):
+    """An official state dict under the names of transformers' ViTModel files (facebook/dino-vits16, save_pretrained):
+    ViTModel.from_pretrained(None, config=config, state_dict=sd) loads it in every version."""
+    return from_official(sd, transformers_names)
+
+
+def from_transformers(sd):
+    """A transformers ViTModel state dict under the official names: the names of its files or (transformers >= 5) of
+    a model in memory, with or without the `vit.` prefix of ViTForImageClassification. A pooler (pooler.dense) or a
+    classifier is refused by name: DINO's backbone has neither."""
+    sd = {k.removeprefix("vit."): v for k, v in sd.items()}
+    in_memory = any(k.startswith("layers.") for k in sd)
+    return to_official(sd, lambda name: transformers_names(name, in_memory), "transformers")
+
+
+def detect_layout(sd):
+    """"transformers" (ViTModel's names) or "official" (the names timm's DINO models use too: "official" is "timm")."""
+    names = [k.removeprefix("vit.") for k in sd]
+    if any(k.startswith(("embeddings.", "encoder.layer.", "layers.")) for k in names):
+        return "transformers"
+    if any(k.startswith(("cls_token", "pos_embed", "patch_embed.", "blocks.")) for k in names):
+        return "official"
+    raise ConfigError(f"the state dict holds neither a ViT of the official (= timm) layout nor of the transformers "
+                      f"one: its first keys are {', '.join(list(sd)[:4])}")
