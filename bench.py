@@ -12,7 +12,6 @@ train.main itself; the models, loss and optimizer are built exactly as train.mai
 """
 import contextlib
 import gc
-import json
 import os
 import platform
 import statistics
@@ -22,15 +21,16 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as nnf
+import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
 import cli
 import data
+import draw
 import train
 from augment import DataAugmentationDINO, photometric_views
-from data import EpochSampler, MultiCropDataset
+from training_data import EpochSampler, MultiCropDataset
 
 # The official code (facebookresearch/dino) measured on one H100 with 16 CPU cores, torch 2.11:
 # (what, images/s, peak memory, conditions).
@@ -93,7 +93,7 @@ def write_jpegs(folder, num_images, unique, height=375, width=500):
             continue
         noise = [(torch.rand(1, 3, height // s + 2, width // s + 2, generator=g), w)
                  for s, w in ((32, 0.4), (4, 0.3), (1, 0.3))]  # (cell size in pixels, weight)
-        img = sum(w * nnf.interpolate(x, size=(height, width), mode="bilinear") for x, w in noise)  # (1, 3, H, W)
+        img = sum(w * F.interpolate(x, size=(height, width), mode="bilinear") for x, w in noise)  # (1, 3, H, W)
         img = (img[0].clamp(0, 1) * 255).to(torch.uint8)  # (3, H, W)
         Image.fromarray(img.permute(1, 2, 0).numpy()).save(path, quality=90)  # (H, W, 3)
 
@@ -193,7 +193,7 @@ def bench_loop(args, targs_argv, workers, device):
     with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(sys.stderr):  # keep stdout for the table
         train.main(targs_argv + ["--epochs", str(1 + args.repeats), "--num_workers", str(workers),
                                  "--output_dir", out])
-        log = [json.loads(line) for line in (Path(out) / "log.txt").read_text().splitlines()]
+        log = draw.read_rows(Path(out) / "log.txt")
     return statistics.median(row["images_per_s"] for row in log if row["epoch"] >= 1), peak_memory(device)
 
 

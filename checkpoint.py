@@ -13,6 +13,7 @@
 import argparse
 import os
 import pickle
+import warnings
 from pathlib import Path
 
 import torch
@@ -31,7 +32,9 @@ def load_state_dict(path):
         raise ConfigError(f"weights file {path} does not exist")
     torch.serialization.add_safe_globals([argparse.Namespace])
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a bare pickle (not torch's zip format) of protocol > 2 makes torch warn
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # that it may not read it: it
+            return torch.load(path, map_location="cpu", weights_only=True)  # reads it, or we say why not below
     except Exception as e:
         # torch's own message is pages long and advises weights_only=False, which no flag here allows
         reason = ("it holds Python objects other than tensors and plain values (such a file could run code)"
@@ -61,21 +64,31 @@ def backbone_state_dict(ckpt, key="teacher"):
     return sd
 
 
-def training_weights(path):
-    """What train.py --init_weights starts from: {"student", "teacher": state dicts with backbone.* and head.*,
-    "center": (1, K) or None} of a training checkpoint (ours, or an official full checkpoint: its DDP `module.`
-    prefix dropped, its newer weight-norm names mapped to weight_g / weight_v), else {"backbone": the file}."""
+def start_from(path, state, fresh_head=False):
+    """train.py --init_weights: load `path` into state["student"], state["teacher"] (MultiCropWrappers) and
+    state["dino_loss"]; what was loaded, in words. A training checkpoint (ours, or an official full checkpoint: its
+    DDP `module.` prefix dropped, its newer weight-norm names mapped to weight_g / weight_v) gives both networks,
+    heads included, and the center; a backbone file (or fresh_head) only the backbones, the heads staying at random
+    init (the teacher's a copy of the student's). Strict: what does not fit is one line."""
     ckpt = load_state_dict(path)
-    if not (isinstance(ckpt, dict) and all(isinstance(ckpt.get(k), dict) for k in ("student", "teacher"))):
-        return {"backbone": ckpt}
+    student, teacher = state["student"], state["teacher"]
+    hint = "check --arch, --patch_size, --depth, --out_dim and --head_hidden_dim, or --fresh_head for a new head"
+    full = isinstance(ckpt, dict) and all(isinstance(ckpt.get(k), dict) for k in ("student", "teacher"))
     rename = {"parametrizations.weight.original0": "weight_g", "parametrizations.weight.original1": "weight_v"}
-    weights = {}
-    for name in ("student", "teacher"):
-        sd = {k.removeprefix("module."): v for k, v in ckpt[name].items()}
-        weights[name] = {next((k.replace(a, b) for a, b in rename.items() if k.endswith(a)), k): v
-                         for k, v in sd.items()}
-    weights["center"] = ckpt.get("dino_loss", {}).get("center")
-    return weights
+    weights = {name: {next((k.replace(a, b) for a, b in rename.items() if k.endswith(a)), k): v
+                      for k, v in ((k.removeprefix("module."), v) for k, v in ckpt[name].items())}
+               for name in ("student", "teacher")} if full else {}
+    if full and not fresh_head:
+        load_strict(student, weights["student"], f"{path} (student)", hint)
+        load_strict(teacher, weights["teacher"], f"{path} (teacher)", hint)
+        center = ckpt.get("dino_loss", {}).get("center")
+        if center is not None:
+            load_strict(state["dino_loss"], {"center": center}, f"{path} (center)", hint)
+        return "student, teacher, heads" + (" and center" if center is not None else "")
+    for net, name in ((student, "student"), (teacher, "teacher")):
+        load_strict(net.backbone, backbone_state_dict(weights.get(name, ckpt)), f"{path} ({name})", hint)
+    teacher.head.load_state_dict(student.head.state_dict())
+    return "backbones; the heads start at random init" + (" (--fresh_head)" if fresh_head else " (a backbone file)")
 
 
 def load_strict(model, state_dict, what, hint="check --arch, --patch_size and --checkpoint_key"):

@@ -48,6 +48,18 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def show_presets(parser, presets, rename=None):
+    """Append to each flag's help what every preset sets it to: {preset name: {flag dest: value}}."""
+    for action in parser._actions:
+        values = {}
+        for name, preset in presets.items():
+            if action.dest in preset:
+                values.setdefault(str(preset[action.dest]), []).append((rename or {}).get(name, name))
+        if values:
+            said = "; ".join(f"{', '.join(names)}: {value}" for value, names in values.items())
+            action.help += f" [{said}]" if "default" in action.help else f" (default: {action.default}; {said})"
+
+
 def bool_flag(s):
     if s.lower() in ("1", "true", "yes", "on"):
         return True
@@ -84,6 +96,11 @@ def existing_file(path):
     if not os.access(path, os.R_OK):
         raise argparse.ArgumentTypeError(f"{path} cannot be read (permissions)")
     return path
+
+
+def existing_path(path):
+    """A file or a folder that exists."""
+    return path if os.path.isdir(path) else existing_file(path)
 
 
 def existing_dir(path):

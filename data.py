@@ -2,17 +2,16 @@
 
 - Named datasets: `fashion_mnist` (read offline from the Debian package dataset-fashion-mnist, or its four .gz
   files in --data_root, else downloaded by torchvision), `cifar10`, `cifar100`, `stl10`; or an ImageFolder.
+- A folder with train/<class>/ (and val/<class>/) is labelled (the k-NN's splits); any other folder is read
+  recursively as unlabelled images (`ImageFiles`, every image file under it in a stable order).
 - Images are decoded with PIL to uint8 (3, H, W) tensors; an unreadable file raises `UnreadableImage`, which
-  training skips (with a limit) and every other script reports as one line.
+  training skips (loader.py, with a limit) and every other script reports as one line.
 - The evaluation view (resize + center crop) and feature extraction shared by the evaluation scripts.
 
 Shape letters: B images, N dataset size, D feature width, S image side.
 """
 import gzip
-import itertools
 import os
-import signal
-import sys
 from typing import NamedTuple
 
 import numpy as np
@@ -23,8 +22,8 @@ import torchvision
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from augment import IMAGENET_MEAN, IMAGENET_STD, DataAugmentationDINO
-from cli import ConfigError, existing_file, nonneg_int, positive_int
+from augment import IMAGENET_MEAN, IMAGENET_STD
+from cli import ConfigError, existing_path, nonneg_int, positive_int
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # apt-get install dataset-fashion-mnist
 DATASET_NAMES = ("fashion_mnist", "cifar10", "cifar100", "stl10")
@@ -201,116 +200,6 @@ def _build_datasets(data_path, data_root):
     return Datasets(ImageFiles(data_path), None, None, 0, 224)  # any other folder: every image under it
 
 
-# --- the training loader (paper Sec. 3.1, multi-crop) ---------------------------------------------------------
-def training_loader(dataset, args, rank, world_size, device):
-    """(loader, sampler): batches (crops, params, labels, errors) of this process. Each sample's crops and
-    photometric draws depend only on (seed, epoch, index) (MultiCropDataset), never on the rank, the batch or the
-    worker. `sampler.set_epoch(epoch, start)` chooses the epoch and how many of its samples to skip (resuming)."""
-    step = args.batch_size_per_gpu * world_size * args.grad_accum_steps  # the images of one optimizer step
-    if len(dataset) < step:
-        raise ConfigError(f"{len(dataset)} images are fewer than one optimizer step of {step} (batch x processes x "
-                          f"--grad_accum_steps): lower --batch_size_per_gpu or --grad_accum_steps")
-    transform = DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
-                                     args.global_crop_size, args.local_crop_size, args.blur_sigma)
-    # One permutation per epoch (seed + epoch), rank r takes perm[r::world_size]: batch k of all ranks together is
-    # perm[k B W : (k + 1) B W], batch k of one process with batch B W: the same samples for any world size W.
-    sampler = EpochSampler(torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=True,
-                                                               seed=args.seed))
-    # NOTE: its own generator keeps the DataLoader from drawing the workers' base seed from the global RNG at each
-    # epoch (drop path draws from it): a resumed run then draws the same drop path masks as a straight one.
-    loader = torch.utils.data.DataLoader(
-        MultiCropDataset(dataset, transform, args.seed), sampler=sampler,
-        batch_size=args.batch_size_per_gpu, num_workers=args.num_workers, pin_memory=device.type == "cuda",
-        drop_last=True, persistent_workers=args.num_workers > 0, prefetch_factor=4 if args.num_workers > 0 else None,
-        worker_init_fn=ignore_stop_signals, generator=torch.Generator())
-    return loader, sampler
-
-
-class MultiCropDataset(torch.utils.data.Dataset):
-    """Wraps a dataset of (image, label); item (epoch, index) -> (crops, params, label, error), reproducibly.
-
-    An image whose loading raises OSError (an empty, truncated or corrupt file) is replaced by the next readable
-    one, cropped with the draws of (epoch, index); `error` is the message naming the file, "" when the image was
-    read. Batches keep their size, runs stay reproducible, and the training loop counts and reports the messages."""
-    def __init__(self, dataset, transform, seed=0):
-        self.dataset, self.transform, self.seed = dataset, transform, seed
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        epoch, index = key if isinstance(key, (tuple, list)) else (0, key)  # a plain index means epoch 0
-        # NOTE: the official code draws from the workers' global RNGs; we seed one generator per sample.
-        # SeedSequence mixes the three numbers, so neighbouring (epoch, index) get unrelated streams.
-        seed = np.random.SeedSequence([self.seed, int(epoch), int(index)]).generate_state(1)[0]
-        image, label, error = self.load(index)
-        crops, params = self.transform(image, torch.Generator().manual_seed(int(seed)))
-        return crops, params, label, error
-
-    def load(self, index):
-        """(image, label, "") or, when `index` cannot be read, the next readable index's image and label, and the
-        error message."""
-        # NOTE: the official code (torchvision's ImageFolder with PIL) stops at the first unreadable image.
-        error = ""
-        for k in range(len(self.dataset)):
-            try:
-                return *self.dataset[(index + k) % len(self.dataset)], error
-            except OSError as e:
-                error = error or str(e)
-        raise OSError(f"no image of the dataset can be read; the first error: {error}")
-
-
-class EpochSampler(torch.utils.data.Sampler):
-    """Yields (epoch, index) for each index of an inner sampler (RandomSampler, DistributedSampler...).
-    The epoch travels in the key because persistent workers never see attributes set in the main process."""
-    def __init__(self, sampler):
-        super().__init__()
-        self.sampler, self.epoch, self.start = sampler, 0, 0
-
-    def set_epoch(self, epoch, start=0):
-        """start: skip the epoch's first `start` indices, those a run stopped in the middle of the epoch has done."""
-        self.epoch, self.start = epoch, start
-        if hasattr(self.sampler, "set_epoch"):
-            self.sampler.set_epoch(epoch)
-
-    def __iter__(self):
-        epoch = self.epoch  # fixed when the iteration starts
-        return ((epoch, int(index)) for index in itertools.islice(self.sampler, self.start, None))
-
-    def __len__(self):
-        return len(self.sampler) - self.start
-
-
-class UnreadableImages:
-    """The training loop's account of unreadable files. MultiCropDataset replaces such a file by the next readable
-    one and passes on the message naming it; `count` warns once per file (per run) and stops training with a
-    ConfigError when more than max_fraction of this process's images of an epoch are unreadable."""
-
-    def __init__(self, max_fraction):
-        self.max_fraction, self.warned = max_fraction, set()
-
-    def count(self, messages, skipped, epoch_images):
-        """skipped + the unreadable images among a batch's messages ("" for an image that was read)."""
-        for message in filter(None, messages):
-            skipped += 1
-            if message not in self.warned:
-                self.warned.add(message)
-                tqdm.write(f"WARNING: skipped an unreadable image (replaced by the next one): {message}",
-                           file=sys.stderr)
-        if skipped > self.max_fraction * epoch_images:
-            raise ConfigError(f"{skipped} unreadable images so far in this epoch, more than --max_bad_fraction "
-                              f"{self.max_fraction} of its {epoch_images} images (per process): repair or remove the "
-                              f"files named in the warnings, or raise --max_bad_fraction")
-        return skipped
-
-
-def ignore_stop_signals(worker_id):
-    """Workers leave SIGINT (Ctrl-C reaches the whole process group) and SIGTERM to the main process, which stops
-    after a step (run_control.StopFlag); a worker that died of them would make the DataLoader fail instead."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
 # --- evaluation: a deterministic view and frozen features -------------------------------------------------------
 class EvalTransform:
     """Resize the short side to size * 256 / 224 and center-crop `size` (the official evaluation view); images
@@ -370,22 +259,33 @@ def _gather_interleaved(x, world):
 
 # --- images named on the command line (cosegment.py, correspond.py) --------------------------------------------
 def add_image_args(parser):
-    """The flags of images_from_args(): files, or the test images of one class of a dataset."""
+    """The flags of images_from_args(): files and folders, or the test images of one class of a dataset."""
     g = parser.add_argument_group("images")
-    g.add_argument("--image_path", nargs="+", type=existing_file, default=None, help="image files")
-    g.add_argument("--data_path", default=None, help="instead: test images of a dataset (fashion_mnist, ...), "
-                   "those of --class_index")
+    g.add_argument("--image_path", nargs="+", type=existing_path, default=None, help="image files, or folders (every "
+                   "image under them, sorted)")
+    g.add_argument("--data_path", default=None, help="instead: test images of a dataset (fashion_mnist, ...) or of a "
+                   "folder with train/<class>/ and val/<class>/, those of --class_index; or any other folder: its "
+                   "first images")
     g.add_argument("--data_root", default="data")
-    g.add_argument("--class_index", type=nonneg_int, default=0)
+    g.add_argument("--class_index", type=nonneg_int, default=0, help="the class of --data_path's images")
     g.add_argument("--load_size", type=positive_int, default=None, help="short side the images are resized to; "
                    "default: 224, 56 for Fashion-MNIST (its 28 px twice: 8 x 8 patches of 7 px)")
     return g
 
 
+def image_paths(paths):
+    """Files as they are, folders as every image file under them (image_files)."""
+    return [found for path in paths for found in (image_files(path) if os.path.isdir(path) else [path])]
+
+
 def class_images(data_path, data_root, class_index, count):
-    """(uint8 (3, H, W) images, names): the first `count` test images of class `class_index` of a dataset (the
-    images of a folder without val/)."""
+    """(uint8 (3, H, W) images, names): the first `count` test images of class `class_index` of a dataset (of
+    train/ when there is no val/); for a folder without labels, its first `count` images."""
     datasets = build_datasets(data_path, data_root)
+    if isinstance(datasets.train, ImageFiles):
+        files = datasets.train.files[:count]
+        return [read_image(f) for f in files], [os.path.splitext(n)[0].replace(os.sep, "_")
+                                                for n in datasets.train.names()[:count]]
     test = datasets.labelled_test or datasets.train
     targets = getattr(test, "labels", getattr(test, "targets", None))  # TensorImages, torchvision datasets
     targets = torch.as_tensor(targets if targets is not None else [int(test[i][1]) for i in range(len(test))])
@@ -398,10 +298,11 @@ def class_images(data_path, data_root, class_index, count):
 
 def images_from_args(args, count):
     """(uint8 (3, H, W) images with the short side resized to --load_size, names) of the add_image_args flags:
-    the files of --image_path, else `count` test images of --class_index of --data_path."""
+    the files of --image_path (folders: the images under them), else `count` images of --data_path."""
     if args.image_path:
-        images = [read_image(p) for p in args.image_path]
-        names = [os.path.splitext(os.path.basename(p))[0] for p in args.image_path]
+        paths = image_paths(args.image_path)
+        images = [read_image(p) for p in paths]
+        names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
     elif args.data_path:
         images, names = class_images(args.data_path, args.data_root, args.class_index, count)
     else:

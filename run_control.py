@@ -1,7 +1,7 @@
 """Run control for train.py: everything the training loop does besides Algorithm 1.
 
     run = RunControl(args, training, steps_per_epoch, group)   # training: train.Training; group: gloo or None
-    start_epoch = run.resume()                                  # output_dir/checkpoint.pth, if there is one
+    start_epoch = run.start()                                   # resume, --init_weights or random init
     with run:                                                   # SIGTERM / SIGINT: checkpoint, then stop
         for epoch in range(start_epoch, args.epochs):
             for epoch_step, batch in run.steps(epoch, batches):    # the progress bar
@@ -11,7 +11,7 @@
             run.end_epoch(run.epoch_stats())                    # log row, checkpoint, curves
 
 It owns: the running sums of the epoch (kept on the device, read back every --log_every steps), the unreadable-image
-budget (data.UnreadableImages), the non-finite-loss guard, the checkpoints (every --saveckp_steps steps, at each
+budget (training_data.UnreadableImages), the non-finite-loss guard, the checkpoints (every --saveckp_steps steps, at each
 epoch's end, on a signal), the rows of log.txt and steps.txt, and curves.png. Counters: `step` counts optimizer
 steps from the start of training (the schedules' index), `epoch_step` inside the epoch (0 .. steps_per_epoch - 1).
 """
@@ -27,7 +27,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import checkpoint
-import data
+import training_data
 import draw
 import vit
 from loss import collapse_warning
@@ -50,7 +50,7 @@ class RunControl:
         self.args, self.training, self.steps_per_epoch, self.group = args, training, steps_per_epoch, group
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         self.out = Path(args.output_dir)
-        self.unreadable = data.UnreadableImages(args.max_bad_fraction)
+        self.unreadable = training_data.UnreadableImages(args.max_bad_fraction)
         self.stop = StopFlag(group)
         self.epoch, self.start_step, self.totals = 0, 0, None  # where the next epoch starts (set by resume)
 
@@ -61,23 +61,33 @@ class RunControl:
     def __exit__(self, *exc_info):
         self.stop.__exit__(*exc_info)
 
-    def resume(self):
-        """Continue output_dir/checkpoint.pth when it exists: the epoch to start at (inside it, self.start_step
-        steps are done and their sums restored), or None when it has finished training."""
-        path = self.out / "checkpoint.pth"
-        epoch, self.start_step, saved = checkpoint.resume(path, self.training.state(), self.args, self.rank,
-                                                          self.world, self.training.device)
+    def start(self):
+        """Where the run starts: output_dir/checkpoint.pth resumed when it exists, else --init_weights loaded (a new
+        run from those weights), else the random init. The epoch to start at (inside it, self.start_step steps are
+        done and their sums restored), or None when that checkpoint has finished training."""
+        path, args = self.out / "checkpoint.pth", self.args
+        if args.init_weights and path.exists():
+            self.print(f"--init_weights {args.init_weights} is not used: {path} exists and training continues from it")
+        elif args.init_weights:
+            loaded = checkpoint.start_from(args.init_weights, self.training.state(), args.fresh_head)
+            self.print(f"started from --init_weights {args.init_weights}: {loaded}")
+        epoch, self.start_step, saved = checkpoint.resume(path, self.training.state(), args, self.rank, self.world,
+                                                          self.training.device)
         self.totals = saved and EpochTotals(*(saved[k].to(self.training.device)
                                               for k in ("loss", "teacher_entropy", "nonfinite")), saved["skipped"])
-        if epoch >= self.args.epochs:
-            self.print(f"{path} has finished training: epoch {epoch} of {self.args.epochs}. To train longer, run "
-                       f"again with a larger --epochs; to start afresh, give another --output_dir")
+        if epoch >= args.epochs:
+            self.print(f"{path} has finished training: epoch {epoch} of {args.epochs}. To train longer, run again "
+                       f"with a larger --epochs; to start afresh, give another --output_dir")
             return None
         if epoch or self.start_step:
             self.print(f"resumed from {path} at epoch {epoch}, step {self.start_step}")
             if self.rank == 0:
                 trim_log(self.out, epoch, epoch * self.steps_per_epoch + self.start_step)
         return epoch
+
+    def log_knn_before_training(self, top1):
+        if self.rank == 0:
+            log(self.out, {"epoch": -1, "step": 0, "knn_top1": top1}, f"k-NN top-1 before training: {top1:.2f}%")
 
     def steps(self, epoch, batches):
         """(epoch_step, batch) for the epoch's remaining steps, with the progress bar (rank 0)."""

@@ -4,10 +4,10 @@
     torchrun --nproc_per_node=8 train.py --data_path /data/imagenet --arch vit_small --patch_size 16
     srun python train.py --data_path /data/imagenet    # under SLURM, one task per GPU
 
-Read top to bottom: args, distributed and precision, student and teacher, optimizer and schedules, the step,
-the epoch, resume and save, main (data, resume, training loop). Datasets live in data.py, backbones in
-backbone.py, checkpoints in checkpoint.py, and the loop's bookkeeping (running sums, bad images, saves, signals,
-log rows) in run_control.py.
+Read top to bottom: args, precision, student and teacher, optimizer and schedules, the step (Alg. 1 in its
+order), the epoch, main (set up, start or resume, for each epoch train and evaluate). Datasets live in data.py,
+the training loader in training_data.py, processes in distributed.py, backbones in backbone.py, weights on disk
+in checkpoint.py, the loop's bookkeeping (resume, sums, saves, signals, log rows) in run_control.py.
 Shape letters: B images per process, V crops, K out_dim.
 """
 import argparse
@@ -26,6 +26,7 @@ import cli
 import data
 import distributed
 import run_control
+import training_data
 import vit
 from augment import photometric_views
 from cli import ConfigError
@@ -33,8 +34,7 @@ from eval_knn import knn_top1
 from head import DINOHead, MultiCropWrapper
 from loss import DINOLoss
 
-# Each named dataset brings a preset; flags given on the command line override it.
-PRESETS = {
+PRESETS = {  # a named --data_path brings its preset; flags given on the command line override it
     # NOTE: tuned so that `python train.py` on a 2-core CPU takes < 10 minutes (1 epoch) and improves k-NN: a
     # sharper teacher (0.02) than the paper's 0.04, which left the targets near uniform in such short runs, a faster
     # teacher (momentum 0.99), blur sigma scaled down for 28 px images, batch 32 (lr 0.004 per 256, i.e. 5e-4 per
@@ -88,8 +88,15 @@ def get_args_parser():
     g.add_argument("--local_crop_size", type=pos, default=96, help="side of the local crops (paper: 96)")
     g.add_argument("--blur_sigma", type=cli.positive_float, nargs=2, default=(0.1, 2.0),
                    help="range of the Gaussian blur's sigma in pixels (BYOL's, for 224 px crops)")
-    g = p.add_argument_group("data, logging, checkpoints")
-    g.add_argument("--data_path", default="fashion_mnist", help=f"{', '.join(data.DATASET_NAMES)} or a folder")
+    add_run_args(p.add_argument_group("data, logging, checkpoints"))
+    cli.show_presets(p, PRESETS, rename={"fashion_mnist": "fashion_mnist (the no-flag run)"})
+    return p
+
+
+def add_run_args(g):
+    pos, nonneg, unit = cli.positive_int, cli.nonneg_int, cli.unit_float
+    g.add_argument("--data_path", default="fashion_mnist", help=f"{', '.join(data.DATASET_NAMES)}, or a folder: "
+                   "train/<class>/ (and val/<class>/ for the k-NN), or any folder of images (all under it, no labels)")
     g.add_argument("--data_root", default="data", help="where named datasets are looked for / downloaded")
     g.add_argument("--output_dir", default="output", help="checkpoint.pth, log.txt, steps.txt, curves.png; a "
                    "checkpoint.pth there is resumed")
@@ -107,19 +114,9 @@ def get_args_parser():
     g.add_argument("--knn_every", type=nonneg, default=10, help="k-NN (Sec. 4.1) every N epochs, first, last; 0: off")
     g.add_argument("--log_every", type=pos, default=10, help="steps between progress-bar updates")
     g.add_argument("--subset", type=nonneg, default=0, help="use only the first N images of each split")
-    g.add_argument("--seed", type=nonneg, default=0)
+    g.add_argument("--seed", type=nonneg, default=0, help="of the init, the crops and the data order")
     g.add_argument("--num_workers", type=nonneg, default=10, help="DataLoader workers per process")
     g.add_argument("--device", type=cli.device, default=None, help="cuda or cpu (default: cuda when available)")
-    for action in p._actions:  # --help says what the no-flag run (fashion_mnist's preset) and the others use
-        values = {}
-        for name, preset in PRESETS.items():
-            if action.dest in preset:
-                values.setdefault(str(preset[action.dest]), []).append(name)
-        if values:
-            presets = "; ".join(f"{', '.join(names)}: {value}" for value, names in values.items())
-            presets = presets.replace("fashion_mnist", "fashion_mnist (the no-flag run)")
-            action.help += f" [{presets}]" if "default" in action.help else f" (default: {action.default}; {presets})"
-    return p
 
 
 def add_model_args(g):
@@ -137,9 +134,9 @@ def add_model_args(g):
                    "the teacher, raised to 1 on a cosine schedule (Sec. 3.1 'Teacher network')")
     g.add_argument("--drop_path_rate", type=cli.unit_float, default=0.1, help="stochastic depth of the student")
     g.add_argument("--warmup_teacher_temp", type=posf, default=0.04, help="tau_t at the start of its linear "
-                   "warm-up (Sec. 3.1 'Avoiding collapse': sharpening); lower it if the loss does not fall")
+                   "warm-up (sharpening: Sec. 3.1 'Avoiding collapse'); lower it if the loss does not fall")
     g.add_argument("--teacher_temp", type=posf, default=0.04, help="tau_t after the warm-up (Sec. 3.2: 0.04 to "
-                   "0.07 over the first 30 epochs; above 0.07 training is unstable). Both temperatures at the "
+                   "0.07 over the first 30 epochs; official code: above 0.07 training is unstable). Both temperatures at the "
                    "student's 0.1 switch sharpening off: the output collapses to uniform (Sec. 5.3, Fig. 7)")
     g.add_argument("--center_momentum", type=cli.unit_float, default=0.9, help="m of the center's EMA (Eq. 4); "
                    "1 switches centering off, the center stays 0: one dimension dominates (Sec. 5.3, Fig. 7)")
@@ -226,26 +223,6 @@ def build_training(args, device, world_size=1, distributed=False, steps_per_epoc
                     *setup_precision(args, device), device)
 
 
-def start_from_weights(training, path, fresh_head=False):
-    """--init_weights: the student, the teacher, their heads and the center from a training checkpoint (ours or an
-    official *_full_checkpoint.pth), or both backbones from a backbone file (the heads stay at random init). A
-    new run, not a resume: epochs, schedules, optimizer and random generators start anew. Returns what was loaded."""
-    student, teacher = training.state()["student"], training.teacher
-    weights = checkpoint.training_weights(path)
-    hint = "check --arch, --patch_size, --depth, --out_dim and --head_hidden_dim, or --fresh_head for a new head"
-    if "student" in weights and not fresh_head:
-        checkpoint.load_strict(student, weights["student"], f"{path} (student)", hint)
-        checkpoint.load_strict(teacher, weights["teacher"], f"{path} (teacher)", hint)
-        if weights["center"] is not None:
-            checkpoint.load_strict(training.dino_loss, {"center": weights["center"]}, f"{path} (center)", hint)
-        return "student, teacher, heads" + (" and center" if weights["center"] is not None else "")
-    for net, name in ((student, "student"), (teacher, "teacher")):
-        part = weights.get(name, weights.get("backbone"))
-        checkpoint.load_strict(net.backbone, checkpoint.backbone_state_dict(part), f"{path} ({name})", hint)
-    teacher.head.load_state_dict(student.head.state_dict())
-    return "backbones; the heads start at random init" + (" (--fresh_head)" if fresh_head else " (a backbone file)")
-
-
 def cosine_scheduler(base_value, final_value, epochs, steps_per_epoch, warmup_epochs=0, start_warmup_value=0.0):
     """One value per optimizer step: linear warm-up, then final + (base - final) * (1 + cos(pi * i / I)) / 2."""
     warmup_steps = int(warmup_epochs * steps_per_epoch)  # NOTE: a fraction of an epoch is allowed (short runs)
@@ -275,7 +252,7 @@ def clip_gradients(model, clip):
 
 @torch.no_grad()
 def ema_update(teacher, student, m):
-    """theta_t <- m theta_t + (1 - m) theta_s over all parameters (paper Eq. 2), as one lerp over the list."""
+    """theta_t <- m theta_t + (1 - m) theta_s over all parameters (Sec. 3.1 'Teacher network'), as one lerp over the list."""
     torch._foreach_lerp_(list(teacher.parameters()), [p.detach() for p in student.parameters()], 1 - float(m))
 
 
@@ -341,34 +318,27 @@ def main(argv=None):
     if rank == 0:
         checkpoint.check_writable(Path(args.output_dir))
     datasets = data.build_datasets(args.data_path, args.data_root, args.subset)
-    loader, sampler = data.training_loader(datasets.train, args, rank, world_size, device)
+    loader, sampler = training_data.training_loader(datasets.train, args, rank, world_size, device)
     steps_per_epoch = len(loader) // args.grad_accum_steps
     training = build_training(args, device, world_size, cpu_group is not None, steps_per_epoch)
     run = run_control.RunControl(args, training, steps_per_epoch, cpu_group)
     run.print(run_control.settings_summary(args, datasets, steps_per_epoch, world_size, device))
-    if args.init_weights and (Path(args.output_dir) / "checkpoint.pth").exists():
-        run.print(f"--init_weights {args.init_weights} is not used: {args.output_dir}/checkpoint.pth exists and "
-                  f"training continues from it")
-    elif args.init_weights:
-        run.print(f"started from --init_weights {args.init_weights}: "
-                  f"{start_from_weights(training, args.init_weights, args.fresh_head)}")
-    start_epoch = run.resume()
-    if start_epoch is None:
+    start_epoch = run.start()  # output_dir/checkpoint.pth resumed, else --init_weights, else the random init
+    if start_epoch is None:  # that checkpoint has finished training
         return
-    knn = (lambda: knn_top1(training.teacher.backbone, datasets, args.global_crop_size, device)) \
-        if datasets.labelled_test is not None and args.knn_every else None
-    if knn and start_epoch == run.start_step == 0:
-        top1 = knn()
-        if rank == 0:
-            run_control.log(run.out, {"epoch": -1, "step": 0, "knn_top1": top1},
-                            f"k-NN top-1 before training: {top1:.2f}%")
+    with_knn = datasets.labelled_test is not None and args.knn_every
+
+    def knn():  # Sec. 4.1: weighted k-NN on the teacher's CLS features, k = 20, T = 0.07
+        return knn_top1(training.teacher.backbone, datasets, args.global_crop_size, device)
+    if with_knn and start_epoch == run.start_step == 0:
+        run.log_knn_before_training(knn())
     with run:
         for epoch in range(start_epoch, args.epochs):
             sampler.set_epoch(epoch, start=run.start_step * args.batch_size_per_gpu * args.grad_accum_steps)
             stats = train_one_epoch(training, loader, epoch, run)
             if stats is None:  # stopped by SIGTERM / SIGINT, after a checkpoint at that step
                 break
-            if knn and ((epoch + 1) % args.knn_every == 0 or epoch == args.epochs - 1):
+            if with_knn and ((epoch + 1) % args.knn_every == 0 or epoch == args.epochs - 1):
                 stats["knn_top1"] = knn()
             if run.end_epoch(stats):  # log row, checkpoint, curves; True: stopped by a signal
                 break

@@ -20,6 +20,7 @@ CLS attention that falls on the garment, for the model and for the same architec
 
 Shape letters: B images, H heads, h x w patch grid, p patch size, S image side.
 """
+import os
 from pathlib import Path
 
 import torch
@@ -157,14 +158,20 @@ def dataset_images(data_path, data_root, n, image_size, saved, patch_size):
     return torch.stack(images), [f"{Path(data_path).name}_test{i}" for i in range(len(images))]
 
 
+def is_photo_folder(data_path):
+    """A folder of images (not train/<class>/ and val/<class>/): shown as photos, each at its own aspect ratio."""
+    return os.path.isdir(data_path) and not os.path.isdir(os.path.join(data_path, "val"))
+
+
 def get_args_parser():
     p = cli.ArgumentParser(description="Visualize the last block's CLS self-attention (paper Fig. 1, 3)")
     backbone.add_args(p)
-    p.add_argument("--image_path", type=cli.existing_file, nargs="*", default=None, help="image files (default: "
-                   "the photos in assets/, or the test images of the dataset the checkpoint was trained on, see "
-                   "--data_path)")
-    p.add_argument("--data_path", default=None, help="use the first --num_images test images of this dataset "
-                   "(default: the checkpoint's dataset when it is a named one such as fashion_mnist)")
+    p.add_argument("--image_path", type=cli.existing_path, nargs="*", default=None, help="image files or folders "
+                   "(every image under them; default: the photos in assets/, or the test images of the dataset the "
+                   "checkpoint was trained on, see --data_path)")
+    p.add_argument("--data_path", default=None, help="use the first --num_images test images of this dataset, or "
+                   "images of this folder (default: the checkpoint's dataset when it is a named one such as "
+                   "fashion_mnist)")
     p.add_argument("--data_root", default="data")
     p.add_argument("--num_images", type=cli.positive_int, default=None,
                    help="dataset images: 4 to show, 1000 to measure")
@@ -197,11 +204,12 @@ def main(argv=None):
     if args.foreground_share:
         return report_foreground_share(model, saved, args)
     data_path = args.data_path or (saved.get("data_path") if saved.get("data_path") in data.DATASET_NAMES else None)
-    if args.image_path is None and data_path:
+    if args.image_path is None and data_path and not is_photo_folder(data_path):
         images, names = dataset_images(data_path, args.data_root, args.num_images or 4, args.image_size, saved,
                                        model.patch_size)
-    else:
-        paths = args.image_path or SAMPLE_PHOTOS
+    else:  # photos keep their aspect ratio
+        paths = data.image_paths(args.image_path or ([data_path] if data_path else SAMPLE_PHOTOS))
+        paths = paths[:args.num_images] if args.num_images else paths
         images = [load_photo(path, args.image_size or 480, model.patch_size) for path in paths]
         names = [Path(path).stem for path in paths]
     for image, name in zip(images, names):

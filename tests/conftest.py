@@ -12,8 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 torch.set_num_threads(1)  # tiny tensors: a thread pool only adds overhead (tests ran 2x slower on 2 busy cores)
 
-import draw  # noqa: E402  (after the path is set)
-import vit  # noqa: E402
+import vit  # noqa: E402  (after the path is set)
 from augment import DataAugmentationDINO  # noqa: E402
 
 
@@ -36,7 +35,7 @@ def tiny_vit(patch_size=4, depth=2, seed=None, **kw):
 
 
 def random_batch(args, batch=4, seed=0):
-    """A loader batch as data.training_loader gives it: V uint8 crop batches and (B, V, P) photometric draws."""
+    """A loader batch as training_data.training_loader gives it: V uint8 crop batches and (B, V, P) photometric draws."""
     g = torch.Generator().manual_seed(seed)
     aug = DataAugmentationDINO(local_crops_number=args.local_crops_number, global_crop_size=args.global_crop_size,
                                local_crop_size=args.local_crop_size)
@@ -71,8 +70,3 @@ def no_key_bias(name, value):
         q, k, v = value.chunk(3)
         return torch.cat([q, v])
     return value
-
-
-def read_rows(out):
-    """draw.read_rows(out / "log.txt"): the name test_launch.py reads a run's log rows by."""
-    return draw.read_rows(Path(out) / "log.txt")

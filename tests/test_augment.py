@@ -10,7 +10,7 @@ import torchvision.transforms.v2.functional as TF
 
 import augment
 from augment import PARAM_COLUMNS, DataAugmentationDINO, photometric, random_resized_crop_box
-from data import EpochSampler, MultiCropDataset
+from training_data import EpochSampler, MultiCropDataset
 
 COL = {name: i for i, name in enumerate(PARAM_COLUMNS)}
 

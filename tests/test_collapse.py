@@ -1,7 +1,6 @@
 """Paper Sec. 5.3, Fig. 7: centering alone collapses to a uniform output, sharpening alone to one dimension, and
 only both together train. Short runs of train.py (tiny ViT, 32 steps, real Fashion-MNIST images, CPU) with each
 mechanism switched off, and the figure of collapse_study.py."""
-import json
 import math
 from pathlib import Path
 
@@ -9,6 +8,7 @@ import pytest
 from PIL import Image
 
 import collapse_study
+import draw
 import train
 from conftest import TINY_TRAIN
 
@@ -21,7 +21,7 @@ TINY = TINY_TRAIN + ["--subset", "256", "--out_dim", str(K), "--head_hidden_dim"
 def final_row(tmp_path, flags):
     """The last epoch's log row of a tiny run with these flags (they override TINY's)."""
     train.main(TINY + flags + ["--output_dir", str(tmp_path)])
-    return json.loads((Path(tmp_path) / "log.txt").read_text().splitlines()[-1])
+    return draw.read_rows(Path(tmp_path) / "log.txt")[-1]
 
 
 def test_centering_alone_collapses_to_uniform(tmp_path):

@@ -5,7 +5,8 @@ import torch
 
 import distributed
 import train
-from conftest import TINY_TRAIN, load, read_rows
+from conftest import TINY_TRAIN, load
+from draw import read_rows
 
 FLAGS = TINY_TRAIN + ["--subset", "64", "--epochs", "1", "--drop_path_rate", "0", "--precision", "fp32",
                       "--knn_every", "0", "--saveckp_freq", "0", "--freeze_last_layer", "0", "--log_every", "1"]
@@ -27,7 +28,7 @@ def test_mixed_precision_steps_run_on_the_cpu(tmp_path, precision):
         except RuntimeError:
             pytest.skip("this torch has no fp16 matmul on the CPU")
     train.main(FLAGS + ["--batch_size_per_gpu", "16", "--precision", precision, "--output_dir", str(tmp_path)])
-    rows = read_rows(tmp_path)
+    rows = read_rows(tmp_path / "log.txt")
     assert torch.isfinite(torch.tensor(rows[-1]["train_loss"]))
     scaler = load(tmp_path)["scaler"]
     assert ("scale" in scaler) == (precision == "fp16")
@@ -42,5 +43,5 @@ def test_compiled_backbones_train_a_few_steps_on_the_cpu(tmp_path):
         train.main(flags + ["--compile", "--output_dir", str(tmp_path / "compiled")])
     except Exception as e:  # a machine without a C compiler cannot compile: say so, do not pass silently
         pytest.skip(f"torch.compile is not available here: {type(e).__name__}: {str(e)[:200]}")
-    eager, compiled = read_rows(tmp_path / "eager")[-1], read_rows(tmp_path / "compiled")[-1]
+    eager, compiled = read_rows(tmp_path / "eager" / "log.txt")[-1], read_rows(tmp_path / "compiled" / "log.txt")[-1]
     assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-4)

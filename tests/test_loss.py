@@ -114,7 +114,7 @@ def test_center_is_ema_of_teacher_batch_mean():
 
 
 def test_defaults_are_student_temp_0_1_and_center_momentum_0_9():
-    """Paper Sec. 3.1: "The temperature tau_s is set to 0.1"; the official center momentum is 0.9."""
+    """Paper Sec. 3.2: "The temperature tau_s is set to 0.1"; the official center momentum is 0.9."""
     loss_fn = make_loss()
     assert loss_fn.student_temp == 0.1
     assert loss_fn.center_momentum == 0.9
@@ -122,7 +122,7 @@ def test_defaults_are_student_temp_0_1_and_center_momentum_0_9():
 
 
 def test_teacher_temperature_warms_up_linearly_then_stays_constant():
-    """Paper Sec. 3.1: "we use a linear warm-up for tau_t from 0.04 to 0.07 during the first 30 epochs"."""
+    """Paper Sec. 3.2: "we use a linear warm-up for tau_t from 0.04 to 0.07 during the first 30 epochs"."""
     loss_fn = make_loss(warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_epochs=30, nepochs=100)
     assert loss_fn.teacher_temp(0) == pytest.approx(0.04, abs=1e-12)
     assert loss_fn.teacher_temp(29) == pytest.approx(0.07, abs=1e-12)

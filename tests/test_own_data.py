@@ -5,7 +5,6 @@ Self-supervised learning needs no labels (paper Sec. 1: "self-supervised pretrai
 folder of images is training data; the k-NN, which needs labels, is skipped there with one line.
 """
 import argparse
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -193,3 +192,20 @@ def test_an_existing_checkpoint_in_the_output_dir_wins_over_init_weights(tmp_pat
                           "--output_dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert "is not used: " in out and "resumed from" in out
+
+
+def test_the_scripts_that_look_at_images_take_a_folder(tmp_path):
+    """visualize_attention.py (--data_path or --image_path) and the dense scripts (data.images_from_args: pca.py,
+    similarity.py, cosegment.py, correspond.py) read every image under a folder, in the training order."""
+    import visualize_attention
+    expected = photo_folder(tmp_path / "photos", count=3)  # top0.jpg, top1.jpg, top2.jpg
+    visualize_attention.main(["--pretrained_weights", "random", "--arch", "vit_tiny", "--patch_size", "8", "--depth",
+                              "1", "--device", "cpu", "--image_size", "32", "--data_path", str(tmp_path / "photos"),
+                              "--output_dir", str(tmp_path / "attention")])
+    assert sorted(p.name for p in (tmp_path / "attention").iterdir()) == ["top0", "top1", "top2"]
+    for flags in (["--image_path", str(tmp_path / "photos")], ["--data_path", str(tmp_path / "photos")]):
+        parser = cli.ArgumentParser()
+        data.add_image_args(parser)
+        images, names = data.images_from_args(parser.parse_args(flags + ["--load_size", "16"]), count=2)
+        assert names == [n.removesuffix(".jpg") for n in expected][:len(names)] and len(names) >= 2
+        assert all(image.shape[-2] == 16 for image in images)

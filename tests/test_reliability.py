@@ -24,6 +24,7 @@ import backbone
 import checkpoint
 import data
 import train
+import training_data
 from cli import ConfigError
 from conftest import TINY_TRAIN, load, no_key_bias, relative_difference
 from draw import read_rows
@@ -76,12 +77,12 @@ def straight(tmp_path_factory):
 
 # --- 1. reproducible data --------------------------------------------------------------------------------
 def crops_by_index(args, world_size=1, epoch=1, start=0):
-    """{index: (crops, params)} over an epoch of data.training_loader, from all ranks; and the batches' indices."""
+    """{index: (crops, params)} over an epoch of training_data.training_loader, from all ranks; and the batches' indices."""
     images = torch.randint(0, 256, (16, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     dataset = data.TensorImages(images, torch.arange(16))  # label = index
     found, batches = {}, []
     for rank in range(world_size):
-        loader, sampler = data.training_loader(dataset, args, rank, world_size, torch.device("cpu"))
+        loader, sampler = training_data.training_loader(dataset, args, rank, world_size, torch.device("cpu"))
         sampler.set_epoch(epoch, start)
         for k, (crops, params, labels, errors) in enumerate(loader):
             batches.append((k, rank, labels.tolist()))
@@ -169,6 +170,7 @@ torch.save = slow_save
 import checkpoint
 import data
 import train
+import training_data
 from cli import ConfigError
 train.cli.run_cli(train.main)
 """
@@ -285,8 +287,8 @@ def make_image_folder(root):
     unreadable = {"empty.jpg": b"", "truncated.jpg": jpeg[:len(jpeg) // 2],
                   "corrupt.jpg": jpeg[:20] + rng.integers(0, 256, 500, dtype=np.uint8).tobytes(),
                   "text.jpg": b"this is not an image\n"}
-    for name, data in unreadable.items():
-        (folder / name).write_bytes(data)
+    for name, content in unreadable.items():
+        (folder / name).write_bytes(content)
     return folder, readable, sorted(unreadable)
 
 

@@ -1,7 +1,6 @@
 """End-to-end claims about train.py on real Fashion-MNIST images (tiny ViT, a few steps, CPU)."""
 import re
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
