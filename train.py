@@ -192,14 +192,12 @@ class Training:
 
 def build_training(args, device, world_size=1, distributed=False, steps_per_epoch=1):
     """The student and the teacher (starting equal), the loss, the optimizer and the per-step schedules."""
-    def network(drop_path_rate, norm_last_layer):  # drop path: ViTs only
-        model = backbone.build(args.arch, args.patch_size, args.depth, drop_path_rate)
-        head = DINOHead(model.embed_dim, args.out_dim, args.use_bn_in_head, norm_last_layer,
-                        hidden_dim=args.head_hidden_dim)
-        return MultiCropWrapper(model, head).to(device)
-
-    student = network(args.drop_path_rate, args.norm_last_layer)
-    teacher = network(0.0, True)  # no drop path; the norm of its last layer: no gradient reaches it anyway
+    student = backbone.build(args.arch, args.patch_size, args.depth, args.drop_path_rate)  # drop path: ViTs only
+    teacher = backbone.build(args.arch, args.patch_size, args.depth, 0.0)
+    heads = [DINOHead(student.embed_dim, args.out_dim, args.use_bn_in_head, norm_last_layer,
+                      hidden_dim=args.head_hidden_dim) for norm_last_layer in (args.norm_last_layer, True)]
+    student = MultiCropWrapper(student, heads[0]).to(device)
+    teacher = MultiCropWrapper(teacher, heads[1]).to(device)  # the norm of its last layer: it gets no gradient
     if distributed and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in student.modules()):
         student, teacher = map(nn.SyncBatchNorm.convert_sync_batchnorm, (student, teacher))
     student_ddp = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda"
