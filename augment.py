@@ -1,9 +1,10 @@
 """Multi-crop data augmentation of DINO (Caron et al. 2021, arXiv:2104.14294).
 
-Sec. 3.1 multi-crop (2 global views at 224 px, N local views at 96 px) and Sec. 3.2 "Implementation details" (BYOL's
-data augmentations: flip, color jitter, grayscale, Gaussian blur, solarization). `DataAugmentationDINO` runs per image in
-DataLoader workers: uint8 crops (crop, resize, flip) plus all photometric random draws as a small tensor, from the
-torch.Generator it is given (data.py seeds one per sample); `photometric` applies them on the device.
+Sec. 3.1 multi-crop (2 global views at 224 px, N local views at 96 px) and Sec. 3.2 "Implementation details"
+(BYOL's data augmentations: flip, color jitter, grayscale, Gaussian blur, solarization). `DataAugmentationDINO` runs
+per image in DataLoader workers: uint8 crops (crop, resize, flip) plus all photometric random draws as a small
+tensor, from the torch.Generator it is given (training_data.py seeds one per sample); `photometric` applies them on
+the device.
 
 Shape letters: B images, V crops per image (2 global + N local), S crop side, P photometric params.
 """

@@ -129,7 +129,8 @@ def image_files(folder, recursive=True):
     found = []
     for parent, folders, files in os.walk(folder, followlinks=True):
         folders[:] = [f for f in folders if not f.startswith(".")] if recursive else []
-        found += [os.path.join(parent, f) for f in files if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]
+        found += [os.path.join(parent, f) for f in files
+                  if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]
     if not found:
         raise ConfigError(f"no image files in {folder}{' or its sub-folders' if recursive else ''} (looked for "
                           f"{' '.join(IMAGE_EXTENSIONS)}, in any case)")
@@ -169,7 +170,8 @@ def build_datasets(data_path, data_root, subset=0):
     data = _build_datasets(data_path, data_root)
     if subset:
         cut = lambda ds: ds and torch.utils.data.Subset(ds, range(min(subset, len(ds))))
-        data = data._replace(train=cut(data.train), labelled_train=cut(data.labelled_train), labelled_test=cut(data.labelled_test))
+        data = data._replace(train=cut(data.train), labelled_train=cut(data.labelled_train),
+                             labelled_test=cut(data.labelled_test))
     return data
 
 

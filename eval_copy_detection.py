@@ -38,7 +38,6 @@ from retrieval import (WHITENINGS, Whitening, add_evaluation_args, average_preci
 
 COPYDAYS_BLOCKS = (["original", "strong"] + [f"jpegqual/{q}" for q in (3, 5, 8, 10, 15, 20, 30, 50, 75)]
                    + [f"crops/{c}" for c in (10, 15, 20, 30, 40, 50, 60, 70, 80)])
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 # --- strong edits: a copy-detection set generated from any test split --------------------------------------------
@@ -126,16 +125,6 @@ class EditedCopies(torch.utils.data.Dataset):
 
 
 # --- Copydays and folders of images -------------------------------------------------------------------------------
-def image_files(folder):
-    """The image files of a folder, sorted by name.
-
-    NOTE: any image extension in any case; the official Copydays blocks take only "*.jpg" (all Copydays files are)."""
-    files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
-    if not files:
-        raise ConfigError(f"no images in {folder}")
-    return files
-
-
 class ImageList(torch.utils.data.Dataset):
     """Items (uint8 (3, imsize, imsize), i): image file i resized to a square with PIL's bicubic filter, as the
     official script (torchvision's Resize((imsize, imsize), interpolation=3) on a PIL image)."""
@@ -160,18 +149,20 @@ def copydays_sets(args):
     if "original" not in present:
         raise ConfigError(f"{args.data_path} has no original/ folder: --data_path must be the Copydays folder "
                           f"(original/, strong/, jpegqual/, crops/) or a dataset name")
-    originals = image_files(os.path.join(args.data_path, "original"))
+    # NOTE: any image extension in any case; the official Copydays blocks take only "*.jpg" (all Copydays files are)
+    originals = data.image_files(os.path.join(args.data_path, "original"), recursive=False)
     blocks = []
     for name in present:
-        files = image_files(os.path.join(args.data_path, name))
+        files = data.image_files(os.path.join(args.data_path, name), recursive=False)
         if name == "strong":
             key = lambda f: os.path.basename(f)[:4]
             positives = [[j for j, o in enumerate(originals) if key(o) == key(f)] for f in files]
         else:
             positives = [[i] for i in range(len(files))]
         blocks.append((name, ImageList(files, args.imsize), positives))
-    database = originals + (image_files(args.distractors_path) if args.distractors_path else [])
-    whitening = ImageList(image_files(args.whitening_path), args.imsize) if args.whitening_path else None
+    database = originals + (data.image_files(args.distractors_path, recursive=False) if args.distractors_path else [])
+    whitening = (ImageList(data.image_files(args.whitening_path, recursive=False), args.imsize)
+                 if args.whitening_path else None)
     return blocks, ImageList(database, args.imsize), whitening
 
 

@@ -10,10 +10,11 @@
                     break                                           # stopped by a signal, after a checkpoint
             run.end_epoch(run.epoch_stats())                    # log row, checkpoint, curves
 
-It owns: the running sums of the epoch (kept on the device, read back every --log_every steps), the unreadable-image
-budget (training_data.UnreadableImages), the non-finite-loss guard, the checkpoints (every --saveckp_steps steps, at each
-epoch's end, on a signal), the rows of log.txt and steps.txt, and curves.png. Counters: `step` counts optimizer
-steps from the start of training (the schedules' index), `epoch_step` inside the epoch (0 .. steps_per_epoch - 1).
+It owns: where the run starts (resume, --init_weights), the running sums of the epoch (kept on the device, read back
+every --log_every steps), the unreadable-image budget (training_data.UnreadableImages), the non-finite-loss guard,
+the checkpoints (every --saveckp_steps steps, at each epoch's end, on a signal), the rows of log.txt and steps.txt,
+curves.png, and the settings block every run starts with. Counters: `step` counts optimizer steps from the start of
+training (the schedules' index), `epoch_step` inside the epoch (0 .. steps_per_epoch - 1).
 """
 import json
 import os

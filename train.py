@@ -136,8 +136,8 @@ def add_model_args(g):
     g.add_argument("--warmup_teacher_temp", type=posf, default=0.04, help="tau_t at the start of its linear "
                    "warm-up (sharpening: Sec. 3.1 'Avoiding collapse'); lower it if the loss does not fall")
     g.add_argument("--teacher_temp", type=posf, default=0.04, help="tau_t after the warm-up (Sec. 3.2: 0.04 to "
-                   "0.07 over the first 30 epochs; official code: above 0.07 training is unstable). Both temperatures at the "
-                   "student's 0.1 switch sharpening off: the output collapses to uniform (Sec. 5.3, Fig. 7)")
+                   "0.07 over the first 30 epochs; official code: above 0.07 training is unstable). Both temperatures "
+                   "at the student's 0.1 switch sharpening off: the output collapses to uniform (Sec. 5.3, Fig. 7)")
     g.add_argument("--center_momentum", type=cli.unit_float, default=0.9, help="m of the center's EMA (Eq. 4); "
                    "1 switches centering off, the center stays 0: one dimension dominates (Sec. 5.3, Fig. 7)")
     g.add_argument("--warmup_teacher_temp_epochs", type=cli.nonneg_int, default=0, help="tau_t warm-up (paper: 30)")
@@ -250,7 +250,7 @@ def clip_gradients(model, clip):
 
 @torch.no_grad()
 def ema_update(teacher, student, m):
-    """theta_t <- m theta_t + (1 - m) theta_s over all parameters (Sec. 3.1 'Teacher network'), as one lerp over the list."""
+    """theta_t <- m theta_t + (1 - m) theta_s over all parameters (Sec. 3.1 'Teacher network'), one lerp over all."""
     torch._foreach_lerp_(list(teacher.parameters()), [p.detach() for p in student.parameters()], 1 - float(m))
 
 

@@ -35,7 +35,7 @@ def tiny_vit(patch_size=4, depth=2, seed=None, **kw):
 
 
 def random_batch(args, batch=4, seed=0):
-    """A loader batch as training_data.training_loader gives it: V uint8 crop batches and (B, V, P) photometric draws."""
+    """A batch as training_data.training_loader gives it: V uint8 crop batches and (B, V, P) photometric draws."""
     g = torch.Generator().manual_seed(seed)
     aug = DataAugmentationDINO(local_crops_number=args.local_crops_number, global_crop_size=args.global_crop_size,
                                local_crop_size=args.local_crop_size)

@@ -25,7 +25,8 @@ def test_lr_warms_up_linearly_then_decays_by_cosine():
     """Paper Sec. 3.2: "The learning rate is linearly ramped up during the first 10 epochs to its base value ...
     After this warmup, we decay the learning rate with a cosine schedule"; one value per iteration."""
     base, final, epochs, steps_per_epoch, warmup, start = 1.0, 0.1, 6, 10, 2, 0.2
-    s = np.asarray(cosine_scheduler(base, final, epochs, steps_per_epoch, warmup_epochs=warmup, start_warmup_value=start))
+    s = np.asarray(cosine_scheduler(base, final, epochs, steps_per_epoch, warmup_epochs=warmup,
+                                    start_warmup_value=start))
     assert len(s) == epochs * steps_per_epoch
     w = warmup * steps_per_epoch
     np.testing.assert_allclose(s[:w], np.linspace(start, base, w), atol=1e-12)

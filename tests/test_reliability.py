@@ -77,7 +77,7 @@ def straight(tmp_path_factory):
 
 # --- 1. reproducible data --------------------------------------------------------------------------------
 def crops_by_index(args, world_size=1, epoch=1, start=0):
-    """{index: (crops, params)} over an epoch of training_data.training_loader, from all ranks; and the batches' indices."""
+    """{index: (crops, params)} over an epoch of the training loader, from all ranks; and the batches' indices."""
     images = torch.randint(0, 256, (16, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     dataset = data.TensorImages(images, torch.arange(16))  # label = index
     found, batches = {}, []
