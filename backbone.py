@@ -1,5 +1,6 @@
-"""One way to get a backbone: the flags every script shares, the model built from them, the evaluation size, and
-the flags that choose a backbone's dense descriptors (add_descriptor_args, resolve_descriptor_args).
+"""One way to get a backbone: the flags every script shares, the model built from them, the evaluation size, the
+flags that choose a backbone's dense descriptors (add_descriptor_args, resolve_descriptor_args), and the linear
+protocol's feature (ProbeFeatures: the last blocks' CLS tokens, paper Sec. 4.1).
 
 Every script that looks at a backbone (eval_knn.py, eval_linear.py, visualize_attention.py, the dense,
 video and retrieval scripts) gets it here, so the flags, their defaults, the device check and the message of
@@ -179,3 +180,30 @@ def resolve_descriptor_args(model, args, layer):
     if problem := dense.settings_error(model, args.layer, args.stride):
         raise ConfigError(f"--{problem}")  # "--stride 3 does not divide ..."
 
+
+# --- the linear protocol's feature (eval_linear.py, extract_features.py) ----------------------------------------
+class ProbeFeatures(nn.Module):
+    """The frozen feature of the linear protocol: normalized images (B, 3, S, S) -> (B, F)."""
+
+    def __init__(self, model, n_last_blocks=4, avgpool_patchtokens=False):
+        super().__init__()
+        self.backbone, self.n_last_blocks, self.avgpool_patchtokens = model, n_last_blocks, avgpool_patchtokens
+        if not hasattr(model, "blocks"):  # a convnet (resnet50): its pooled features, as the official protocol
+            self.dim = model.embed_dim
+            return
+        if not 1 <= n_last_blocks <= len(model.blocks):
+            raise ConfigError(f"--n_last_blocks {n_last_blocks}: the backbone has {len(model.blocks)} blocks")
+        self.dim = model.embed_dim * (n_last_blocks + int(avgpool_patchtokens))
+
+    @torch.no_grad()
+    def forward(self, x):
+        if not hasattr(self.backbone, "blocks"):
+            return self.backbone(x)  # (B, F)
+        return self.from_blocks(self.backbone.get_intermediate_layers(x, self.n_last_blocks))
+
+    def from_blocks(self, blocks):
+        """The feature of the last n blocks' normed outputs, n x (B, 1+N, D), as get_intermediate_layers gives them."""
+        feats = [out[:, 0] for out in blocks]  # the CLS tokens, n x (B, D)
+        if self.avgpool_patchtokens:
+            feats.append(blocks[-1][:, 1:].mean(dim=1))  # (B, D): average of the last block's patch tokens
+        return torch.cat(feats, dim=-1)  # (B, F)

@@ -26,32 +26,9 @@ from tqdm import tqdm
 import backbone
 import cli
 import data
+from backbone import ProbeFeatures  # the protocol's frozen feature, shared with extract_features.py
 
 PRECOMPUTED_BY_DEFAULT = ("fashion_mnist", "cifar10", "cifar100")
-
-
-class ProbeFeatures(nn.Module):
-    """The frozen feature of the linear protocol: normalized images (B, 3, S, S) -> (B, F)."""
-
-    def __init__(self, model, n_last_blocks=4, avgpool_patchtokens=False):
-        super().__init__()
-        self.backbone, self.n_last_blocks, self.avgpool_patchtokens = model, n_last_blocks, avgpool_patchtokens
-        if not hasattr(model, "blocks"):  # a convnet (resnet50): its pooled features, as the official protocol
-            self.dim = model.embed_dim
-            return
-        if not 1 <= n_last_blocks <= len(model.blocks):
-            raise cli.ConfigError(f"--n_last_blocks {n_last_blocks}: the backbone has {len(model.blocks)} blocks")
-        self.dim = model.embed_dim * (n_last_blocks + int(avgpool_patchtokens))
-
-    @torch.no_grad()
-    def forward(self, x):
-        if not hasattr(self.backbone, "blocks"):
-            return self.backbone(x)  # (B, F)
-        blocks = self.backbone.get_intermediate_layers(x, self.n_last_blocks)  # n x (B, 1+N, D), normed
-        feats = [out[:, 0] for out in blocks]  # the CLS tokens, n x (B, D)
-        if self.avgpool_patchtokens:
-            feats.append(blocks[-1][:, 1:].mean(dim=1))  # (B, D): average of the last block's patch tokens
-        return torch.cat(feats, dim=-1)  # (B, F)
 
 
 def linear_layer(dim, num_classes):
