@@ -268,11 +268,12 @@ def train_step(training, micro_batches, epoch, step):
     for i, (crops, params) in enumerate(micro_batches):
         views = photometric_views(crops, params, training.device)  # V x (B, 3, S, S): x1, x2 globals, then locals
         sync = i == n - 1 or not hasattr(student, "no_sync")  # DDP: all-reduce the gradients once, at the end
-        with contextlib.nullcontext() if sync else student.no_sync(), training.autocast:
-            teacher_output = teacher(views[:2])  # (2B, K) t1, t2: the teacher sees only the global crops
-            student_output = student(views)  # (VB, K) s1, s2, ...: the student sees all crops
-            loss = dino_loss(student_output, teacher_output, epoch, update_center=False)  # H(t_i, s_v), v != i
-        training.scaler.scale(loss / n).backward()  # back-propagate
+        with contextlib.nullcontext() if sync else student.no_sync():  # the backward too: DDP's rule
+            with training.autocast:
+                teacher_output = teacher(views[:2])  # (2B, K) t1, t2: the teacher sees only the global crops
+                student_output = student(views)  # (VB, K) s1, s2, ...: the student sees all crops
+                loss = dino_loss(student_output, teacher_output, epoch, update_center=False)  # H(t_i, s_v), v != i
+            training.scaler.scale(loss / n).backward()  # back-propagate
         loss_sum, entropy_sum = loss_sum + loss.detach(), entropy_sum + dino_loss.teacher_entropy
     if args.clip_grad:
         training.scaler.unscale_(training.optimizer)

@@ -147,3 +147,26 @@ def test_loss_runs_without_a_process_group():
     loss = loss_fn(torch.randn(8, 8), teacher, epoch=0)
     assert torch.isfinite(loss)
     torch.testing.assert_close(loss_fn.center, 0.1 * teacher.mean(0, keepdim=True), atol=1e-6, rtol=0)
+
+
+def test_the_loss_is_one_tensor_so_backward_works_as_in_the_official_code():
+    """A copied loss.py works in a notebook: `loss = dino_loss(s, t, epoch); loss.backward()`."""
+    student = torch.randn(4 * 2, 8, requires_grad=True)
+    loss = make_loss()(student, torch.randn(2 * 2, 8), epoch=0)
+    assert torch.is_tensor(loss) and loss.ndim == 0
+    loss.backward()
+    assert student.grad is not None
+
+
+def test_with_update_center_false_the_center_moves_once_from_everything_recorded():
+    """Alg. 1: "C = m*C + (1-m)*cat([t1, t2]).mean(dim=0)", once per step: the teacher outputs of two micro-batches
+    move the center as their union would, and only when update_center() is called."""
+    torch.manual_seed(0)
+    t_a, t_b = torch.randn(2 * 3, 8), torch.randn(2 * 5, 8)
+    loss_fn = make_loss()
+    loss_fn(torch.randn(4 * 3, 8), t_a, epoch=0, update_center=False)
+    loss_fn(torch.randn(4 * 5, 8), t_b, epoch=0, update_center=False)
+    assert torch.equal(loss_fn.center, torch.zeros(1, 8))  # not yet
+    loss_fn.update_center()
+    expected = 0.1 * torch.cat([t_a, t_b]).mean(dim=0, keepdim=True)
+    assert torch.allclose(loss_fn.center, expected, atol=1e-6)
