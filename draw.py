@@ -170,10 +170,10 @@ def training_curves(out, out_dim, path=None, size=(1050, 620)):
     last = steps[-1] if steps else {}
     done = [r for r in epochs if r["epoch"] >= 0]
     first = steps[-2].get("step", 0) + 1 if len(steps) > 1 else 1  # the last point: the mean of steps first..last
-    span = f"mean of steps {first}-{last['step']}" if "step" in last else "an epoch mean"
-    notes = [str(out), f"epochs done: {len(done)}"] + ([f"loss {last['train_loss']:.4f} ({span}, the last point)",
+    span = f" (steps {first}-{last['step']})" if "step" in last else ""
+    notes = [str(out), f"epochs done: {len(done)}"] + ([f"last point: loss {last['train_loss']:.4f}{span}",
              f"entropy {last['teacher_entropy']:.3f} of ln K {ln_k:.2f}"] if last else []) + (
-             [f"loss {done[-1]['train_loss']:.4f} (epoch {done[-1]['epoch']} mean, as printed)"] if done else []) + (
+             [f"epoch {done[-1]['epoch']} mean: loss {done[-1]['train_loss']:.4f} (as printed)"] if done else []) + (
              [f"k-NN top-1 {knn[0]['knn_top1']:.2f}% -> {knn[-1]['knn_top1']:.2f}%"] if knn else [])
     for j, line in enumerate(notes):
         draw.text((2 * w + 40, 40 + h + 30 + 20 * j), line, fill="black", font=f)
