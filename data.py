@@ -269,7 +269,8 @@ def add_image_args(parser):
                    "folder with train/<class>/ and val/<class>/, those of --class_index; or any other folder: its "
                    "first images")
     g.add_argument("--data_root", default="data")
-    g.add_argument("--class_index", type=nonneg_int, default=0, help="the class of --data_path's images")
+    g.add_argument("--class_index", type=nonneg_int, default=None, help="the class of --data_path's images "
+                   "(default: 0; a folder without train/<class>/ has no classes)")
     g.add_argument("--load_size", type=positive_int, default=None, help="short side the images are resized to; "
                    "default: 224, 56 for Fashion-MNIST (its 28 px twice: 8 x 8 patches of 7 px)")
     return g
@@ -285,10 +286,12 @@ def class_images(data_path, data_root, class_index, count):
     train/ when there is no val/); for a folder without labels, its first `count` images."""
     datasets = build_datasets(data_path, data_root)
     if isinstance(datasets.train, ImageFiles):
+        if class_index is not None:
+            raise ConfigError(f"{data_path} has no classes (no train/<class>/ folders): leave out --class_index")
         files = datasets.train.files[:count]
         return [read_image(f) for f in files], [os.path.splitext(n)[0].replace(os.sep, "_")
                                                 for n in datasets.train.names()[:count]]
-    test = datasets.labelled_test or datasets.train
+    test, class_index = datasets.labelled_test or datasets.train, class_index or 0
     targets = getattr(test, "labels", getattr(test, "targets", None))  # TensorImages, torchvision datasets
     targets = torch.as_tensor(targets if targets is not None else [int(test[i][1]) for i in range(len(test))])
     index = torch.nonzero(targets == class_index).squeeze(1)[:count].tolist()

@@ -249,16 +249,21 @@ def test_cosegment_command_writes_its_pictures(tiny_setup):
 
 
 def test_class_images_are_the_first_of_their_class(tmp_path):
-    """--data_path with --class_index: the first images of that class (here of a folder without val/)."""
+    """--data_path with --class_index: the first images of that class (here of train/<class>/, without val/); a
+    folder without classes gives its first images, and refuses --class_index in one line."""
     from PIL import Image
     import data
     for c, name in enumerate(["cats", "dogs"]):
-        (tmp_path / name).mkdir()
+        (tmp_path / "train" / name).mkdir(parents=True)
         for n in range(3):
-            Image.new("RGB", (10, 8), (c * 100, n * 50, 0)).save(tmp_path / name / f"{n}.png")
+            Image.new("RGB", (10, 8), (c * 100, n * 50, 0)).save(tmp_path / "train" / name / f"{n}.png")
     images, names = data.class_images(str(tmp_path), "unused", 1, 2)
     assert names == [f"{tmp_path.name}_class1_test3", f"{tmp_path.name}_class1_test4"]
     assert [im[:, 0, 0].tolist() for im in images] == [[100, 0, 0], [100, 50, 0]]
+    images, names = data.class_images(str(tmp_path / "train"), "unused", None, 4)  # cats/, dogs/: no train/
+    assert names == ["cats_0", "cats_1", "cats_2", "dogs_0"]
+    with pytest.raises(data.ConfigError, match="has no classes"):
+        data.class_images(str(tmp_path / "train"), "unused", 1, 2)
 
 
 def test_correspond_command_writes_its_picture_and_points(tiny_setup):
