@@ -142,12 +142,12 @@ def bench_step(args, targs, device):
     """train.train_step over one batch of random uint8 crops already on the device, seen again and again."""
     reset_peak_memory(device)
     n = max(args.warmup, args.iters)
-    t = train.build_training(targs, device, steps_per_epoch=n)  # as train.main builds it, with one epoch of n steps
+    training = train.build_training(targs, device, steps_per_epoch=n)  # as train.main builds it: one epoch of n steps
     sizes = [args.global_crop_size] * 2 + [args.local_crop_size] * args.local_crops_number
     crops = [torch.randint(0, 256, (args.batch_size, 3, s, s), dtype=torch.uint8, device=device) for s in sizes]
     draws = DataAugmentationDINO(local_crops_number=args.local_crops_number)
     params = torch.stack([draws.draw_params() for _ in range(args.batch_size)])  # (B, V, P) real photometric draws
-    steps = lambda k: [train.train_step(t, [(crops, params)], 0, i) for i in range(k)]
+    steps = lambda k: [train.train_step(training, [(crops, params)], 0, i) for i in range(k)]
     if args.warmup:
         steps(args.warmup)
     seconds = median_seconds(lambda: steps(args.iters), device, args.repeats)

@@ -150,9 +150,9 @@ class RunControl:
 
     def epoch_stats(self):
         """The log.txt figures of the epoch, the same on every rank: mean loss and entropy, unreadable images."""
-        t, step = self.totals, (self.epoch + 1) * self.steps_per_epoch - 1
-        figures = torch.stack([t.loss / self.steps_per_epoch, t.teacher_entropy / self.steps_per_epoch,
-                               torch.tensor(float(t.skipped), device=self.training.device)])
+        totals, step = self.totals, (self.epoch + 1) * self.steps_per_epoch - 1
+        figures = torch.stack([totals.loss / self.steps_per_epoch, totals.teacher_entropy / self.steps_per_epoch,
+                               torch.tensor(float(totals.skipped), device=self.training.device)])
         if dist.is_initialized():
             dist.all_reduce(figures)
             figures[:2] /= self.world

@@ -77,22 +77,22 @@ def test_center_and_teacher_move_once_per_optimizer_step_not_per_micro_batch(mon
     after the last micro-batch, whatever N."""
     args = train.parse_args(FLAGS + ["--batch_size_per_gpu", "4", "--grad_accum_steps", "3"])
     torch.manual_seed(0)
-    t = train.build_training(args, torch.device("cpu"), 1, False, 4)  # 4 steps per epoch
+    training = train.build_training(args, torch.device("cpu"), 1, False, 4)  # 4 steps per epoch
     calls, teachers, centers = [], [], []
-    real_forward = t.teacher.forward
+    real_forward = training.teacher.forward
     def watched_teacher(views):  # what the teacher is when each micro-batch sees it
-        teachers.append(torch.cat([p.flatten() for p in t.teacher.parameters()]).clone())
-        centers.append(t.dino_loss.center.clone())
+        teachers.append(torch.cat([p.flatten() for p in training.teacher.parameters()]).clone())
+        centers.append(training.dino_loss.center.clone())
         return real_forward(views)
-    monkeypatch.setattr(t.teacher, "forward", watched_teacher)
+    monkeypatch.setattr(training.teacher, "forward", watched_teacher)
     real_ema = train.ema_update
     monkeypatch.setattr(train, "ema_update", lambda *a: (calls.append("ema"), real_ema(*a)))
     micro_batches = [random_batch(args, batch=4, seed=s) for s in range(3)]
-    center_before = t.dino_loss.center.clone()
-    train.train_step(t, micro_batches, epoch=0, step=0)
+    center_before = training.dino_loss.center.clone()
+    train.train_step(training, micro_batches, epoch=0, step=0)
     assert calls == ["ema"]
     assert all(torch.equal(x, teachers[0]) for x in teachers) and all(torch.equal(c, centers[0]) for c in centers)
-    assert not torch.equal(t.dino_loss.center, center_before)  # and then it moved, once
+    assert not torch.equal(training.dino_loss.center, center_before)  # and then it moved, once
 
 
 @pytest.mark.parametrize("n", [1, 4])
@@ -100,5 +100,5 @@ def test_lr_scales_with_the_batch_of_an_optimizer_step(n):
     """Sec. 3.2's linear scaling rule applies to the effective batch: batch per process x processes x N."""
     args = train.parse_args(FLAGS + ["--batch_size_per_gpu", "8", "--grad_accum_steps", str(n), "--lr", "0.001",
                                      "--warmup_epochs", "0"])
-    t = train.build_training(args, torch.device("cpu"), 1, False, 3)  # 3 steps per epoch
-    assert t.lr[0] == pytest.approx(0.001 * 8 * n / 256)
+    training = train.build_training(args, torch.device("cpu"), 1, False, 3)  # 3 steps per epoch
+    assert training.lr[0] == pytest.approx(0.001 * 8 * n / 256)

@@ -174,16 +174,16 @@ def test_training_teacher_gets_no_gradient_and_moves_by_ema_only():
     train.train_step it holds no gradient and is exactly lambda theta_t + (1 - lambda) theta_s."""
     args = train.parse_args(TINY_TRAIN + ["--precision", "fp32", "--freeze_last_layer", "0"])
     torch.manual_seed(0)
-    t = train.build_training(args, torch.device("cpu"))
-    teacher = dict(t.teacher.named_parameters())
+    training = train.build_training(args, torch.device("cpu"))
+    teacher = dict(training.teacher.named_parameters())
     assert teacher and not any(p.requires_grad for p in teacher.values())
-    optimized = {id(p) for group in t.optimizer.param_groups for p in group["params"]}
+    optimized = {id(p) for group in training.optimizer.param_groups for p in group["params"]}
     assert not optimized & {id(p) for p in teacher.values()}
     before = {name: p.clone() for name, p in teacher.items()}
-    train.train_step(t, [random_batch(args)], epoch=0, step=0)
+    train.train_step(training, [random_batch(args)], epoch=0, step=0)
     assert all(p.grad is None for p in teacher.values())
-    assert all(p.grad is not None for p in t.student.parameters() if p.requires_grad)  # the step did backpropagate
-    m, student = t.momentum[0], dict(t.student.named_parameters())
+    assert all(p.grad is not None for p in training.student.parameters() if p.requires_grad)  # it back-propagated
+    m, student = training.momentum[0], dict(training.student.named_parameters())
     assert m < 1 and not torch.equal(teacher["head.mlp.0.weight"], before["head.mlp.0.weight"])
     for name, p in teacher.items():
         torch.testing.assert_close(p, m * before[name] + (1 - m) * student[name], atol=1e-7, rtol=0)
