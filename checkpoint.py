@@ -45,10 +45,10 @@ def load_state_dict(path):
 
 
 def backbone_state_dict(ckpt, key="teacher"):
-    """The ViT state dict in an official pretrained backbone file (a plain ViT state dict, taken as it is), an
-    official training checkpoint (ckpt[key] with keys `module.backbone.*` for the DDP-wrapped student,
-    `backbone.*` for the teacher) or one of ours (`backbone.*`). The head's keys (`head.*`, whether its weight
-    norm is saved as weight_g / weight_v or as parametrizations.weight.original0 / 1) are left out."""
+    """The ViT state dict in an official pretrained backbone file (a plain ViT state dict, taken as it is; timm's
+    names are the same; a transformers ViTModel file is converted), an official training checkpoint (ckpt[key] with
+    keys `module.backbone.*` for the DDP-wrapped student, `backbone.*` for the teacher) or one of ours. The head's
+    keys (`head.*`, its weight norm as weight_g / weight_v or parametrizations.weight.original0 / 1) are left out."""
     if not isinstance(ckpt, dict):
         raise ConfigError(f"expected a state dict or a checkpoint dict, found a {type(ckpt).__name__}")
     if isinstance(ckpt.get(key), dict):
@@ -59,6 +59,8 @@ def backbone_state_dict(ckpt, key="teacher"):
         raise ConfigError(f"the checkpoint has no {key!r} entry (it has {', '.join(sorted(ckpt))}): "
                           f"choose another --checkpoint_key")
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    if any(k.removeprefix("vit.").startswith(("embeddings.", "encoder.layer.", "layers.")) for k in sd):
+        return from_transformers(sd)  # strict: all of it, or one line
     if any(k.startswith("backbone.") for k in sd):
         sd = {k.removeprefix("backbone."): v for k, v in sd.items() if k.startswith("backbone.")}
     return sd

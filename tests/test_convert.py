@@ -160,3 +160,15 @@ def test_convert_weights_refuses_bad_input_in_one_error_line(tmp_path, capsys, m
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err
     assert not Path("out.pth").exists()
+
+
+def test_a_transformers_file_is_read_directly_by_every_script_and_by_init_weights(tmp_path):
+    """--pretrained_weights / --init_weights vit_hf.pth: backbone_state_dict converts it (strictly) on the way in."""
+    model = tiny_vit(seed=0)
+    torch.save({f"vit.{k}": v for k, v in checkpoint.to_transformers(model.state_dict()).items()}, tmp_path / "hf.pth")
+    loaded, _ = backbone.load(tmp_path / "hf.pth", "vit_tiny", 4, depth=2)
+    assert_equal(loaded.state_dict(), model.state_dict())
+    broken = checkpoint.to_transformers(model.state_dict())
+    broken["pooler.dense.weight"] = torch.zeros(192, 192)
+    with pytest.raises(ConfigError, match="unexpected keys 1 .pooler.dense.weight"):
+        checkpoint.backbone_state_dict(broken)
