@@ -3,8 +3,8 @@
 - Every file is read with `torch.load(weights_only=True)`: a checkpoint can never run code from a pickle.
 - `backbone_state_dict` finds the backbone in one of our checkpoints, an official training checkpoint or an
   official pretrained backbone file (dino_deitsmall16_pretrain.pth...); `load_strict` loads it with strict=True
-  or says in one line what does not fit (missing / unexpected keys, wrong shapes, which ViT the file holds).
-  backbone.py builds the model around them.
+  or says in one line what does not fit. backbone.py builds the model around them; `start_from` (--init_weights)
+  loads a whole training checkpoint or a backbone into train.py's networks.
 - Training state (`checkpoint_dict`, `resume`) holds what a resumed run needs to continue bit for bit, inside an
   epoch too: models, optimizer, scaler, center, RNG states and running sums of every rank. It is written
   atomically (`save_atomic`); `check_resumable` refuses a checkpoint that the current flags cannot continue.
@@ -88,7 +88,8 @@ def start_from(path, state, fresh_head=False):
             load_strict(state["dino_loss"], {"center": center}, f"{path} (center)", hint)
         return "student, teacher, heads" + (" and center" if center is not None else "")
     for net, name in ((student, "student"), (teacher, "teacher")):
-        load_strict(net.backbone, backbone_state_dict(weights.get(name, ckpt)), f"{path} ({name})", hint)
+        what = f"{path} ({name})" if full else str(path)
+        load_strict(net.backbone, backbone_state_dict(weights.get(name, ckpt)), what, hint)
     teacher.head.load_state_dict(student.head.state_dict())
     return "backbones; the heads start at random init" + (" (--fresh_head)" if fresh_head else " (a backbone file)")
 
@@ -186,9 +187,8 @@ def resume(path, state, args, rank, world_size, device):
     return epoch, iteration, mine["totals"]
 
 
-# What a resumed run must share with the checkpoint: the shapes of the models and the crops, and what shapes the
-# optimizer's state (its kind; the norm of the head's last layer: fixed = one tensor fewer to optimize) and the
-# scaler's (fp16 keeps a loss scale; fp32 and bf16 none).
+# What a resumed run must share with the checkpoint: the shapes of the models and crops, and what shapes the optimizer's
+# state (its kind; norm_last_layer: one tensor more or fewer) and the scaler's (fp16 keeps a loss scale, bf16 none).
 RESUME_KEYS = ["arch", "patch_size", "depth", "out_dim", "head_hidden_dim", "use_bn_in_head", "norm_last_layer",
                "local_crops_number", "optimizer"]
 

@@ -11,6 +11,8 @@ shape fits (checkpoint.py, "other libraries' layouts"). timm's DINO models use t
 checks and copies. transformers' names are those of its files: ViTModel.from_pretrained(None, config=config,
 state_dict=torch.load(OUT)) loads them in every version (transformers 4: model.load_state_dict too).
 """
+import torch
+
 import checkpoint
 import cli
 
@@ -35,9 +37,10 @@ def main(argv=None):
             raise cli.ConfigError(f"{path}: .safetensors files are out of scope (this script reads and writes "
                                   f"torch.save files): convert with safetensors.torch.load_file / save_file")
     ckpt = checkpoint.load_state_dict(args.input)
-    sd = checkpoint.backbone_state_dict(ckpt, args.checkpoint_key)
-    layout = checkpoint.detect_layout(sd)
-    official = checkpoint.from_transformers(sd) if layout == "transformers" else checkpoint.from_timm(sd)
+    plain = isinstance(ckpt, dict) and all(torch.is_tensor(v) for v in ckpt.values())
+    layout = checkpoint.detect_layout(ckpt) if plain else "official"  # a training checkpoint: ours or official
+    sd = ckpt if plain else checkpoint.backbone_state_dict(ckpt, args.checkpoint_key)
+    official = checkpoint.from_timm(checkpoint.backbone_state_dict(sd))  # transformers' names converted on the way
     out = CONVERT[args.to](official)
     checkpoint.save_atomic(out, args.output)
     key = f" ({args.checkpoint_key})" if isinstance(ckpt.get(args.checkpoint_key), dict) else ""
