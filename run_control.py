@@ -277,20 +277,24 @@ def settings_summary(args, datasets, steps_per_epoch, world_size, device):
     """The block every run starts with: what it trains on, with what, for how long (what a preset chose included)."""
     step_images = args.batch_size_per_gpu * world_size * args.grad_accum_steps
     n = len(datasets.train)
-    knn = (f"k-NN every {args.knn_every} epoch(s): {len(datasets.labelled_test):,} test images against "
-           f"{len(datasets.labelled_train):,}" if datasets.labelled_test is not None and args.knn_every else
-           "no k-NN: --knn_every 0" if args.knn_every else "")
     if datasets.labelled_test is None:
         knn = (f"no k-NN: {args.data_path} has no labels (the k-NN needs train/<class>/ and val/<class>/ folders); "
                f"the curves show loss, teacher entropy and KL")
+    elif args.knn_every:
+        knn = (f"k-NN every {args.knn_every} epoch(s): {len(datasets.labelled_test):,} test images against "
+               f"{len(datasets.labelled_train):,}")
+    else:
+        knn = "no k-NN: --knn_every 0"
+    used = steps_per_epoch * step_images
+    left = (f"{n - used:,} left out by the last partial step" if used <= n else
+            f"{used - n:,} repeated so that every process gets as many")  # DistributedSampler pads the shards
     crops = f"2 x {args.global_crop_size} px + {args.local_crops_number} x {args.local_crop_size} px"
     arch = f"{args.arch}/{args.patch_size}" if args.arch in vit.ARCHS else args.arch
     depth = f", {args.depth} blocks" if args.depth else ""
     return "\n".join([
         f"data: {args.data_path}: {n:,} images; {steps_per_epoch:,} steps of {step_images} per epoch "
-        f"({steps_per_epoch * step_images:,} images, {n - steps_per_epoch * step_images:,} left out by the last "
-        f"partial step)", knn,
+        f"({used:,} images, {left})", knn,
         f"model: {arch}{depth}, out_dim {args.out_dim}, head width {args.head_hidden_dim}; crops {crops}",
         f"run: {args.epochs} epoch(s), lr {args.lr * step_images / 256:.2e} (base {args.lr} per 256), "
         f"teacher temp {args.warmup_teacher_temp} -> {args.teacher_temp}, momentum {args.momentum_teacher}, "
-        f"{args.precision} on {device}, {world_size} process(es); output: {args.output_dir}/"]).replace("\n\n", "\n")
+        f"{args.precision} on {device}, {world_size} process(es); output: {args.output_dir}/"])
