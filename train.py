@@ -256,10 +256,11 @@ def ema_update(teacher, student, m):
 
 # --- the step (Alg. 1) and the epoch ------------------------------------------------------------------------
 def train_step(training, micro_batches, epoch, step):
-    """One optimizer step of Alg. 1 (optimizer step `step` of the run) on N micro-batches [(crops, params), ...]:
-    exactly one step on their union. The gradient is the mean of the micro-batches' (DDP averages it over processes
-    on the last one only); the teacher and the center stay fixed until the student has moved, then the EMA moves
-    once and the center once, from the teacher outputs of all micro-batches of all processes.
+    """Alg. 1 for optimizer step `step` of the run, on N micro-batches [(crops, params), ...] (their union's step):
+        t1, t2 = gt(x1), gt(x2); s1, s2, ... = gs(all crops)      the teacher sees the two global crops only
+        loss = mean of H(t_i, s_v) over v != i; loss.backward()   N micro-batches: their mean (DDP: all-reduced once)
+        update(gs); gt = l gt + (1 - l) gs                        the student, then the teacher's EMA
+        C = m C + (1 - m) mean(t1, t2)                            once, from all micro-batches of all processes
     Returns (loss, teacher entropy), micro-batch means."""
     args, student, teacher, dino_loss = training.args, training.student, training.teacher, training.dino_loss
     set_schedules(training, step)
