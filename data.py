@@ -268,7 +268,7 @@ def add_image_args(parser):
     g.add_argument("--data_path", default=None, help="instead: test images of a dataset (fashion_mnist, ...) or of a "
                    "folder with train/<class>/ and val/<class>/, those of --class_index; or any other folder: its "
                    "first images")
-    g.add_argument("--data_root", default="data")
+    g.add_argument("--data_root", default="data", help="where named datasets are looked for and downloaded to")
     g.add_argument("--class_index", type=nonneg_int, default=None, help="the class of --data_path's images "
                    "(default: 0; a folder without train/<class>/ has no classes)")
     g.add_argument("--load_size", type=positive_int, default=None, help="short side the images are resized to; "

@@ -73,7 +73,7 @@ def get_args_parser():
                    "tokens of the last n blocks (official code: 4 for ViT-S, 1 for ViT-B)")
     g.add_argument("--avgpool_patchtokens", type=cli.bool_flag, default=False, help="with --linear_features: also "
                    "the average of the last block's patch tokens (official code: false for ViT-S, true for ViT-B)")
-    g.add_argument("--batch_size", type=cli.positive_int, default=256)
+    g.add_argument("--batch_size", type=cli.positive_int, default=256, help="images per forward pass")
     g.add_argument("--num_workers", type=cli.nonneg_int, default=min(4, os.cpu_count() or 1),
                    help="DataLoader processes that read the images")
     return p
