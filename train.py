@@ -56,8 +56,7 @@ PRESETS["cifar100"] = PRESETS["cifar10"]
 
 
 def get_args_parser():
-    p = cli.ArgumentParser(description="DINO self-supervised training (Caron et al. 2021). A named --data_path brings "
-                           "a preset (the default run: fashion_mnist's); flags given on the command line win.")
+    p = cli.ArgumentParser(description="DINO training (Caron et al. 2021); a named --data_path brings a preset.")
     add_model_args(p.add_argument_group("model and loss (paper Sec. 3.1, 3.2)"))
     pos, nonneg, nonnegf, unit = cli.positive_int, cli.nonneg_int, cli.nonneg_float, cli.unit_float
     g = p.add_argument_group("optimization (Sec. 3.2 'Implementation details')")
@@ -150,10 +149,11 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     for name, value in vars(args).items():
         if name.endswith("crop_size") and args.arch in vit.ARCHS and value % args.patch_size:
-            raise ConfigError(f"--{name} {value} is not a multiple of --patch_size {args.patch_size}: pick a crop "
-                              f"size divisible by the patch size")
+            raise ConfigError(f"--{name} {value} is not a multiple of --patch_size {args.patch_size}")
         if name in ("global_crops_scale", "local_crops_scale", "blur_sigma") and not 0 < value[0] <= value[1]:
             raise ConfigError(f"--{name} {value[0]} {value[1]}: expected 0 < low <= high")
+    if args.fresh_head and not args.init_weights:
+        raise ConfigError("--fresh_head goes with --init_weights (the file whose backbones it keeps)")
     return args
 
 

@@ -209,3 +209,11 @@ def test_the_scripts_that_look_at_images_take_a_folder(tmp_path):
         images, names = data.images_from_args(parser.parse_args(flags + ["--load_size", "16"]), count=2)
         assert names == [n.removesuffix(".jpg") for n in expected][:len(names)] and len(names) >= 2
         assert all(image.shape[-2] == 16 for image in images)
+
+
+def test_fresh_head_without_init_weights_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.run_cli(lambda: train.main(FASHION + ["--fresh_head", "--output_dir", str(tmp_path)]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and err == ["error: --fresh_head goes with --init_weights (the file whose backbones "
+                                            "it keeps)"]
