@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import backbone
-import checkpoint
 from cli import ConfigError
 from head import DINOHead, MultiCropWrapper
 
