@@ -27,6 +27,9 @@ def run_cli(main):
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except BrokenPipeError:  # stdout closed by its reader (`python train.py | head`): stop quietly, as a shell tool
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
+        sys.exit(1)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

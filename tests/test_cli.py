@@ -88,3 +88,18 @@ def test_a_file_that_is_not_a_checkpoint_is_one_line_saying_what_it_is_not_and_w
     assert code == 2 and lines == [f"error: cannot read {readme} as a safe torch checkpoint: it is not a file written "
                                    f"by torch.save (UnpicklingError); expected train.py's checkpoint.pth, an official "
                                    f"training checkpoint or an official backbone file"], lines
+
+
+def test_a_reader_that_closes_stdout_stops_train_py_quietly_and_at_once(tmp_path):
+    """`python train.py | head -4`: the print after the reader has gone ends the run with exit code 1, without a
+    traceback and at once (before: a traceback and, when it came inside an epoch, a hang until killed)."""
+    import subprocess
+    import sys
+    from conftest import ROOT, TINY_TRAIN
+    command = [sys.executable, "train.py", *TINY_TRAIN, "--subset", "64", "--batch_size_per_gpu", "16",
+               "--num_workers", "1", "--knn_every", "0", "--output_dir", str(tmp_path)]
+    with subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as run:
+        assert run.stdout.readline().startswith("data: ")
+        run.stdout.close()  # the reader goes away; the epoch's line is printed into a closed pipe
+        assert run.wait(timeout=60) == 1
+        assert "Traceback" not in run.stderr.read()
