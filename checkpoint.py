@@ -67,10 +67,10 @@ def backbone_state_dict(ckpt, key="teacher"):
 
 
 def start_from(path, state, fresh_head=False):
-    """train.py --init_weights: load `path` into state["student"], state["teacher"] (MultiCropWrappers) and
-    state["dino_loss"]; what was loaded, in words. A training checkpoint (ours, or an official full checkpoint: its
-    DDP `module.` prefix dropped, its newer weight-norm names mapped to weight_g / weight_v) gives both networks,
-    heads included, and the center; a backbone file (or fresh_head) only the backbones, the heads staying at random
+    """train.py --init_weights (NOTE: ours; main_dino.py cannot start from weights): load `path` into the student,
+    teacher (MultiCropWrappers) and dino_loss of `state`; what was loaded, in words. A training checkpoint (ours, or
+    an official full one: `module.` dropped, newer weight-norm names mapped to weight_g / weight_v) gives both
+    networks, heads and center; a backbone file (or fresh_head) only the backbones, the heads staying at random
     init (the teacher's a copy of the student's). Strict: what does not fit is one line."""
     ckpt = load_state_dict(path)
     student, teacher = state["student"], state["teacher"]

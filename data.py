@@ -5,7 +5,7 @@
 - A folder with train/<class>/ (and val/<class>/) is labelled (the k-NN's splits); any other folder is read
   recursively as unlabelled images (`ImageFiles`, every image file under it in a stable order).
 - Images are decoded with PIL to uint8 (3, H, W) tensors; an unreadable file raises `UnreadableImage`, which
-  training skips (loader.py, with a limit) and every other script reports as one line.
+  training skips (training_data.py, with a limit) and every other script reports as one line.
 - The evaluation view (resize + center crop) and feature extraction shared by the evaluation scripts.
 
 Shape letters: B images, N dataset size, D feature width, S image side.
@@ -112,7 +112,7 @@ def normalize(images):
 def image_folder(path):
     """torchvision's ImageFolder (path/<class>/*.jpg, labels from the class folders), images read by read_image;
     hidden files and folders skipped, as in image_files."""
-    def is_image(file):
+    def is_image(file):  # NOTE: hidden files are skipped; torchvision's ImageFolder (the official's) takes .name.jpg
         return file.lower().endswith(IMAGE_EXTENSIONS) and not any(
             part.startswith(".") for part in os.path.relpath(file, path).split(os.sep))
     try:
@@ -199,7 +199,8 @@ def _build_datasets(data_path, data_root):
         train = image_folder(train_dir)
         test = image_folder(val_dir) if os.path.isdir(val_dir) else None
         return Datasets(train, train if test else None, test, len(train.classes), 224)
-    return Datasets(ImageFiles(data_path), None, None, 0, 224)  # any other folder: every image under it
+    # NOTE: the official code needs class folders (ImageFolder); any other folder is read here as unlabelled images
+    return Datasets(ImageFiles(data_path), None, None, 0, 224)
 
 
 # --- evaluation: a deterministic view and frozen features -------------------------------------------------------

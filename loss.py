@@ -56,6 +56,8 @@ class DINOLoss(nn.Module):
         same_view = torch.eye(2, self.ncrops, dtype=torch.bool, device=cross_entropy.device)  # pairs v == i
         loss = cross_entropy.masked_fill(same_view, 0).sum() / (2 * self.ncrops - 2)  # mean over the others
 
+        # NOTE: the official forward updates the center itself; recording the outputs and update_center=False are
+        # ours, so that gradient accumulation moves the center once per optimizer step
         self.teacher_sum = self.teacher_sum + teacher_out.sum(dim=0, keepdim=True)  # (1, K), for the center
         self.teacher_count += len(teacher_out)
         if update_center:
@@ -65,6 +67,8 @@ class DINOLoss(nn.Module):
     @torch.no_grad()
     def update_center(self):
         """c <- m c + (1 - m) mean of the teacher outputs recorded since the last update, over all ranks (Eq. 4)."""
+        if not self.teacher_count:  # nothing recorded since the last update: the center stays
+            return
         batch_sum, count = self.teacher_sum.clone(), self.teacher_count
         if dist.is_available() and dist.is_initialized():  # one process needs no process group
             dist.all_reduce(batch_sum)

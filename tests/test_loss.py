@@ -170,3 +170,5 @@ def test_with_update_center_false_the_center_moves_once_from_everything_recorded
     loss_fn.update_center()
     expected = 0.1 * torch.cat([t_a, t_b]).mean(dim=0, keepdim=True)
     assert torch.allclose(loss_fn.center, expected, atol=1e-6)
+    loss_fn.update_center()  # nothing recorded since: the center stays (no 0 / 0)
+    assert torch.allclose(loss_fn.center, expected, atol=1e-6)
